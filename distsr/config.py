@@ -1,0 +1,205 @@
+"""Typed config tree: YAML files in ``configs/`` + ``key=value`` overrides -> dataclasses.
+
+Every component keeps its own dataclass next to its code; this module only knows how to
+turn nested dicts into those dataclasses, collecting *every* problem into one ``ConfigError``
+that names the dotted YAML path of each bad key or value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config with one or more bad keys/values; ``problems`` lists ``(path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {path or '<root>'}: {msg}" for path, msg in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list) -> Any:
+    """Check/convert ``value`` against annotation ``tp``; append problems instead of raising."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list = []
+            out = _convert(value, option, path, trial)
+            if not trial:
+                return out
+        problems.append((path, f"expected {_type_name(tp)}, got {value!r}"))
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append((path, f"must be one of {list(get_args(tp))}, got {value!r}"))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append((path, f"expected a mapping for {tp.__name__}, got {value!r}"))
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            problems.append((path, f"expected a list, got {value!r}"))
+            return value
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append((path, f"expected a mapping, got {value!r}"))
+            return {}
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append((path, f"expected a number, got {value!r}"))
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append((path, f"expected an integer, got {value!r}"))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append((path, f"expected true/false, got {value!r}"))
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append((path, f"expected a string, got {value!r}"))
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, path: str, problems: list) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    for key in unknown:
+        problems.append((_join(path, key), f"unknown key (valid: {', '.join(sorted(fields))})"))
+    kwargs = {}
+    for name, value in data.items():
+        if name in fields:
+            kwargs[name] = _convert(value, hints[name], _join(path, name), problems)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    for name in missing:
+        problems.append((_join(path, name), "required key is missing"))
+    if missing or unknown:
+        return None
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        for key, msg in check() or []:
+            problems.append((_join(path, key), msg))
+    return obj
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def from_dict(cls: type, data: dict | None, source: str = "config", path: str = ""):
+    """Build dataclass ``cls`` from ``data``; raise one ``ConfigError`` listing every problem."""
+    problems: list[tuple[str, str]] = []
+    obj = _convert(data or {}, cls, path, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict (for YAML dumps and Ray's train_loop_config)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
+    """``["engine.zero_stage=2", "data.shards=[a,b]"]`` -> [(path parts, YAML-parsed value)]."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([(item, "override must look like key.sub=value")], "overrides")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(data: dict, items: list[str]) -> dict:
+    """Return a copy of ``data`` with dotted overrides applied (creating mappings as needed)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for parts, value in parse_overrides(items):
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_config_path(spec: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """A YAML path, or a name of a file in ``configs/`` (``tadsr_seesr`` -> configs/tadsr_seesr.yaml)."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return path
+    candidate = config_dir / f"{spec}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in config_dir.glob("*.yaml"))
+    raise ValueError(f"unknown config or recipe {spec!r}; valid names: {', '.join(names)}")
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML mapping; ``defaults: [other]`` at the top merges other configs first."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", f"top level must be a mapping, got {type(data).__name__}")], str(path))
+    merged: dict = {}
+    for parent in data.pop("defaults", []) or []:
+        merged = deep_merge(merged, load_yaml(resolve_config_path(parent, path.parent)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,42 @@
+"""Build one DeepSpeed engine per trainable module, with a torch optimizer (no JIT build)."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+
+from distsr.engine.config import EngineConfig
+from distsr.engine.context import DistContext
+from distsr.engine.deepspeed_config import deepspeed_config
+from distsr.engine.schedule import build_scheduler
+
+
+def build_optimizer(module: nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters")
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_engine(module: nn.Module, cfg: EngineConfig, micro_batch: int, ctx: DistContext):
+    """A DeepSpeed engine around ``module``; the LR schedule steps with the engine."""
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    module = module.to(ctx.device)
+    optimizer = build_optimizer(module, cfg)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, micro_batch, ctx.world_size),
+    )
+    return engine
+
+
+def gathered(engine):
+    """Context in which every parameter of ``engine`` is whole (a no-op below ZeRO-3)."""
+    params = list(engine.module.parameters())
+    return deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3)

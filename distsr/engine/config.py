@@ -1,0 +1,110 @@
+"""Typed configs of the training engine (DeepSpeed, schedule, checkpoints) and of the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def validate(self):
+        problems = []
+        if self.lr <= 0:
+            problems.append(("lr", f"must be > 0, got {self.lr}"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(("betas", f"must be two numbers in [0, 1), got {self.betas}"))
+        return problems
+
+
+@dataclass
+class SchedulerConfig:
+    kind: Literal["constant", "cosine", "linear", "step"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear: final lr = lr * min_lr_ratio
+    step_every: int = 100_000  # step: multiply by gamma every step_every steps
+    gamma: float = 0.1
+
+    def validate(self):
+        problems = []
+        if self.warmup_steps < 0:
+            problems.append(("warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
+        return problems
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 2  # newest K checkpoints kept
+
+    def validate(self):
+        problems = []
+        if self.every_steps < 1:
+            problems.append(("every_steps", f"must be >= 1, got {self.every_steps}"))
+        if self.keep < 1:
+            problems.append(("keep", f"must be >= 1 (resume needs one), got {self.keep}"))
+        return problems
+
+
+@dataclass
+class EngineConfig:
+    max_steps: int = 1000  # optimizer steps (after gradient accumulation)
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    ema_decay: float | None = None  # EMA of the trainable weights the recipe names
+    log_every: int = 10
+    tensorboard: bool = True
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self):
+        problems = []
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"))
+        if self.max_steps < 1:
+            problems.append(("max_steps", f"must be >= 1, got {self.max_steps}"))
+        if self.grad_accum < 1:
+            problems.append(("grad_accum", f"must be >= 1, got {self.grad_accum}"))
+        if self.grad_clip < 0:
+            problems.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            problems.append(("ema_decay", f"must be in (0, 1), got {self.ema_decay}"))
+        return problems
+
+
+@dataclass
+class ScalingConfig:
+    """Where the per-worker loop runs: Ray Train workers, or in-process (``ray: false``)."""
+
+    ray: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+
+    def validate(self):
+        problems = []
+        if self.num_workers < 1:
+            problems.append(("num_workers", f"must be >= 1, got {self.num_workers}"))
+        if not self.ray and self.num_workers != 1:
+            problems.append(("num_workers", "in-process runs (ray: false) have exactly 1 worker"))
+        return problems
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests: the worker of ``fail_rank`` exits hard once at ``fail_at_step``."""
+
+    fail_at_step: int | None = None
+    fail_rank: int = 0

@@ -1,0 +1,70 @@
+"""Training progress: console line with ETA, ``metrics.jsonl`` and TensorBoard (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+
+class MetricLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, max_steps: int):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.writer = None
+        self.jsonl = None
+        self.window: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+        self.steps_in_window = 0
+        self.samples_in_window = 0
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def accumulate(self, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            self.window.setdefault(key, []).append(float(value))
+
+    def step_done(self, samples: int) -> None:
+        self.steps_in_window += 1
+        self.samples_in_window += samples
+
+    def flush(self, step: int, extra: dict | None = None) -> dict:
+        """Average the window, print one line, write jsonl/TensorBoard; returns the record."""
+        elapsed = time.perf_counter() - self.t0
+        n = max(self.steps_in_window, 1)
+        record = {k: sum(v) / len(v) for k, v in self.window.items()}
+        record.update(
+            step=step,
+            step_time=elapsed / n,
+            samples_per_s=self.samples_in_window / max(elapsed, 1e-9),
+            **(extra or {}),
+        )
+        eta = timedelta(seconds=int(record["step_time"] * (self.max_steps - step)))
+        if self.enabled:
+            scalars = " | ".join(
+                f"{k} {v:.4g}" for k, v in record.items() if k not in ("step",) and isinstance(v, float)
+            )
+            print(f"[distsr] step {step}/{self.max_steps} | {scalars} | ETA {eta}", flush=True)
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self.writer.add_scalar(key, value, step)
+                self.writer.flush()
+        self.window.clear()
+        self.t0 = time.perf_counter()
+        self.steps_in_window = self.samples_in_window = 0
+        return record
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,94 @@
+"""``python -m distsr.launch RECIPE_OR_YAML [key=value ...] [--dry-run]``
+
+Connects to the Ray cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), otherwise
+starts a private local Ray cluster sized to this machine — it never attaches silently to a
+cluster it was not pointed at. ``scaling.ray=false`` runs the same loop in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from distsr.config import ConfigError
+from distsr.runconfig import RunConfig, load_run_config, to_dict, write_run_record
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distsr.launch", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="a config name in configs/ (e.g. tadsr_seesr) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.zero_stage=2")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def dry_run(cfg: RunConfig) -> None:
+    from distsr.engine.deepspeed_config import deepspeed_config
+
+    print("# resolved config")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print("# DeepSpeed config (per trainable engine)")
+    ds = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.scaling.num_workers)
+    print(json.dumps(ds, indent=2))
+
+
+def connect_ray(cfg: RunConfig):
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        where = f"the cluster at RAY_ADDRESS={address}"
+    else:
+        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
+        where = "a new local Ray cluster (set RAY_ADDRESS to use another)"
+    resources = ray.cluster_resources()
+    print(f"[distsr] running on {where}: {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs", flush=True)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train ``cfg`` on Ray Train (``scaling.ray``) or in this process; returns final metrics."""
+    if not cfg.scaling.ray:
+        from distsr.engine.checkpoint import LocalStore
+        from distsr.engine.context import init_in_process
+        from distsr.engine.loop import train_worker
+
+        store = LocalStore(cfg.run_dir, cfg.engine.checkpoint.keep)
+        return train_worker(to_dict(cfg), init_in_process(), store)
+    import ray
+
+    from distsr.engine.ray_adapter import fit
+
+    if not ray.is_initialized():
+        connect_ray(cfg)
+    result = fit(cfg)
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    run_dir = write_run_record(cfg, ["python", "-m", "distsr.launch", *(argv or sys.argv[1:])])
+    print(f"[distsr] run folder: {run_dir}", flush=True)
+    metrics = run(cfg)
+    print(f"[distsr] finished at step {metrics.get('step')}; run folder: {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The Recipe interface: what one training step computes, in plain PyTorch.
+
+A recipe builds its models, names the trainable ones (each becomes a DeepSpeed engine), and
+yields ``Update``s from ``training_step``. The engine owns backward, accumulation, clipping and
+the optimizer steps, and it applies each update before the recipe computes the next one, so a
+recipe states the order of updates (e.g. discriminator before generator) by yielding in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Update:
+    """One optimizer update: backpropagate ``loss`` into the engine named ``engine``."""
+
+    engine: str
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Recipe:
+    """Subclasses set ``Config`` (a dataclass) and implement ``trainable`` and ``training_step``."""
+
+    Config: type
+    cached_outputs: tuple[str, ...] = ()  # teacher outputs this recipe reads from the cache
+
+    def __init__(self, cfg, *, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.nets: dict[str, Callable] = {}
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """Modules to wrap in DeepSpeed engines, in a stable order."""
+        raise NotImplementedError
+
+    def ema_targets(self) -> list[str]:
+        """Names of trainable modules whose weights get an EMA copy (when the engine has one)."""
+        return []
+
+    def bind(self, engines: dict[str, Callable]) -> None:
+        """Receive the engine-wrapped modules; ``training_step`` calls these."""
+        self.nets.update(engines)
+
+    def training_step(self, batch: dict, step: int) -> Iterator[Update]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Recipe state outside the engines (saved in the checkpoint's client state)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Freeze parameters for a forward/backward whose gradients must not reach them."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -1,0 +1,121 @@
+"""Training a ResShift teacher (Yue et al., ResShift, NeurIPS 2023; METHODS.md §1).
+
+Objective: x0-prediction MSE at a uniformly drawn t,
+    L = || f(z_t / sqrt(kappa^2 eta_t + 1), t, lq) - z0 ||^2,
+    z_t = z0 + eta_t (z_y - z0) + kappa sqrt(eta_t) eps        (forward process q(z_t | z0, y))
+in the latent space of the frozen VQ-f4 autoencoder, or in pixel space through an identity
+"pixel" autoencoder for tiny configs (then the UNet is conditioned on the upsampled lq).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from distsr.diffusion.resshift import ResShiftDiffusion, ScheduleConfig
+from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin
+from distsr.recipes.base import Recipe, Update
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: Literal["pixel", "vq_f4"] = "vq_f4"
+    checkpoint: str | None = None  # official autoencoder_vq_f4.pth (required for vq_f4)
+
+    def validate(self):
+        if self.kind == "vq_f4" and not self.checkpoint:
+            return [("checkpoint", "vq_f4 needs the path of the official autoencoder_vq_f4.pth")]
+        return []
+
+
+@dataclass
+class ResShiftConfig:
+    unet: dict = field(default_factory=lambda: dict(RESSHIFT_REALSR_X4_KWARGS))
+    unet_checkpoint: str | None = None  # start from official weights (e.g. resshift_realsrx4_s15_v1.pth)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    scale: int = 4
+
+
+class PixelAutoencoder(torch.nn.Module):
+    """Identity first stage: the latent is the image in [-1, 1] (tiny configs and tests)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class VQAutoencoder(torch.nn.Module):
+    """Frozen VQ-f4: encode without quantisation, decode with quantisation (official semantics)."""
+
+    def __init__(self, checkpoint: str):
+        super().__init__()
+        from distsr.models.vq import vq_from_official
+
+        self.vq = vq_from_official(checkpoint).requires_grad_(False).eval()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        from distsr.models.vq import vq_encode
+
+        return vq_encode(self.vq, x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        from distsr.models.vq import vq_decode
+
+        return vq_decode(self.vq, z)
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> torch.nn.Module:
+    return PixelAutoencoder() if cfg.kind == "pixel" else VQAutoencoder(cfg.checkpoint)
+
+
+def build_unet(cfg: ResShiftConfig) -> UNetModelSwin:
+    if cfg.unet_checkpoint:
+        return UNetModelSwin.from_official(cfg.unet_checkpoint, **cfg.unet)
+    return UNetModelSwin(**cfg.unet)
+
+
+class ResShiftRecipe(Recipe):
+    Config = ResShiftConfig
+
+    def __init__(self, cfg: ResShiftConfig, *, device, dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.unet = build_unet(cfg)
+        self.autoencoder = build_autoencoder(cfg.autoencoder).to(device)
+        self.diffusion = ResShiftDiffusion(cfg.schedule)
+
+    def trainable(self):
+        return {"unet": self.unet}
+
+    def ema_targets(self):
+        return ["unet"]
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z0, z_y, lq condition) from a batch of gt/lq images in [0, 1]."""
+        gt = batch["gt"].to(self.device) * 2 - 1
+        lq = batch["lq"].to(self.device) * 2 - 1
+        # official: y is upsampled with F.interpolate(bicubic, align_corners=False) before encoding
+        y_up = F.interpolate(lq, scale_factor=self.cfg.scale, mode="bicubic", align_corners=False)
+        z0 = self.autoencoder.encode(gt)
+        z_y = self.autoencoder.encode(y_up)
+        cond = lq if z_y.shape[-2:] == lq.shape[-2:] else y_up
+        return z0, z_y, cond
+
+    def training_step(self, batch: dict, step: int) -> Iterator[Update]:
+        z0, z_y, cond = self.latents(batch)
+        t = torch.randint(0, self.diffusion.num_timesteps, (z0.shape[0],), device=self.device)
+        noise = torch.randn_like(z0)
+        cond = cond.to(self.dtype)
+
+        def denoise(x, timesteps):
+            return self.nets["unet"](x.to(self.dtype), timesteps, lq=cond).float()
+
+        loss = self.diffusion.training_loss(denoise, z0, z_y, t, noise)
+        yield Update("unet", loss)

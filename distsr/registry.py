@@ -1,0 +1,23 @@
+"""Explicit name -> builder registries. Entries are ``"module:attr"`` strings, imported on use,
+so that listing names never imports torch-heavy modules."""
+
+from __future__ import annotations
+
+import importlib
+
+RECIPES: dict[str, str] = {
+    "resshift": "distsr.recipes.resshift:ResShiftRecipe",
+}
+
+
+def lookup(registry: dict[str, str], name: str, kind: str):
+    """Import and return the object registered as ``name``; unknown names list the valid ones."""
+    if name not in registry:
+        valid = ", ".join(sorted(registry))
+        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {valid}")
+    module, _, attr = registry[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_recipe(name: str):
+    return lookup(RECIPES, name, "recipe")

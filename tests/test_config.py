@@ -1,0 +1,72 @@
+"""Typed config loading: YAML + overrides, every problem reported at once with its YAML path."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distsr.config import ConfigError, apply_overrides, from_dict
+from distsr.engine.config import EngineConfig
+from distsr.runconfig import load_run_config, to_dict, write_run_record
+
+
+def test_overrides_reach_nested_typed_fields():
+    cfg = load_run_config("resshift_tiny", ["engine.zero_stage=3", "data.batch_size=2", "seed=7"])
+    assert cfg.engine.zero_stage == 3
+    assert cfg.data.batch_size == 2
+    assert cfg.seed == 7
+    assert cfg.engine.optimizer.lr == pytest.approx(2e-3)
+
+
+def test_every_bad_key_and_value_is_reported_in_one_error():
+    with pytest.raises(ConfigError) as info:
+        load_run_config(
+            "resshift_tiny",
+            ["engine.zero_stage=5", "engine.precison=bf16", "data.batch_size=two",
+             "method.schedule.steps=0"],
+        )
+    paths = [p for p, _ in info.value.problems]
+    assert "engine.zero_stage" in paths
+    assert "engine.precison" in paths
+    assert "data.batch_size" in paths
+    assert "method.schedule.steps" in paths
+    message = str(info.value)
+    assert "resshift_tiny.yaml" in message
+    assert "valid:" in message  # unknown key lists the valid ones
+
+
+def test_unknown_recipe_lists_valid_ones(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "recipe": "resshfit"}))
+    with pytest.raises(ConfigError, match="valid: .*resshift"):
+        load_run_config(str(path))
+
+
+def test_unknown_config_name_lists_available():
+    with pytest.raises(ValueError, match="resshift_tiny"):
+        load_run_config("no_such_config")
+
+
+def test_literal_and_types():
+    with pytest.raises(ConfigError) as info:
+        from_dict(EngineConfig, {"precision": "fp8", "grad_clip": "big", "max_steps": 1.5})
+    assert {p for p, _ in info.value.problems} == {"precision", "grad_clip", "max_steps"}
+    assert from_dict(EngineConfig, {"grad_clip": 0}).grad_clip == 0.0
+
+
+def test_apply_overrides_parses_yaml_values():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=[1, 2]", "a.c=true", "d.e=null", "f=x=y"])
+    assert data == {"a": {"b": [1, 2], "c": True}, "d": {"e": None}, "f": "x=y"}
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["novalue"])
+
+
+def test_run_record_holds_resolved_config_and_command(tmp_path):
+    cfg = load_run_config("resshift_tiny", [f"output_dir={tmp_path}", "engine.max_steps=3"])
+    run_dir = write_run_record(cfg, ["python", "-m", "distsr.launch", "resshift_tiny"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved == to_dict(cfg)
+    assert saved["engine"]["max_steps"] == 3
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert record["command"].startswith("python -m distsr.launch")
+    assert record["git_revision"]
