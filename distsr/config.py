@@ -110,13 +110,16 @@ def _build(cls: type, data: dict, path: str, problems: list) -> Any:
     ]
     for name in missing:
         problems.append((_join(path, name), "required key is missing"))
-    if missing or unknown:
+    if missing:
         return None
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
-        for key, msg in check() or []:
-            problems.append((_join(path, key), msg))
+        try:
+            found = check() or []
+        except (TypeError, ValueError):  # a field of the wrong type, reported above
+            found = []
+        problems.extend((_join(path, key), msg) for key, msg in found)
     return obj
 
 
@@ -170,7 +173,7 @@ def apply_overrides(data: dict, items: list[str]) -> dict:
 
 
 def resolve_config_path(spec: str, config_dir: Path = CONFIG_DIR) -> Path:
-    """A YAML path, or a name of a file in ``configs/`` (``tadsr_seesr`` -> configs/tadsr_seesr.yaml)."""
+    """A YAML path, or a name in ``configs/`` (``tadsr_seesr`` -> configs/tadsr_seesr.yaml)."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -188,7 +191,9 @@ def load_yaml(path: Path) -> dict:
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ConfigError([("", f"top level must be a mapping, got {type(data).__name__}")], str(path))
+        raise ConfigError(
+            [("", f"top level must be a mapping, got {type(data).__name__}")], str(path)
+        )
     merged: dict = {}
     for parent in data.pop("defaults", []) or []:
         merged = deep_merge(merged, load_yaml(resolve_config_path(parent, path.parent)))

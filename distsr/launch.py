@@ -48,8 +48,11 @@ def connect_ray(cfg: RunConfig):
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
         where = "a new local Ray cluster (set RAY_ADDRESS to use another)"
     resources = ray.cluster_resources()
-    print(f"[distsr] running on {where}: {resources.get('CPU', 0):g} CPUs, "
-          f"{resources.get('GPU', 0):g} GPUs", flush=True)
+    print(
+        f"[distsr] running on {where}: {resources.get('CPU', 0):g} CPUs, "
+        f"{resources.get('GPU', 0):g} GPUs",
+        flush=True,
+    )
 
 
 def run(cfg: RunConfig) -> dict:

@@ -50,11 +50,20 @@ def load_run_config(spec: str, overrides: list[str] = ()) -> RunConfig:
     """``spec`` is a YAML path or a name in ``configs/``; all problems are raised together."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), list(overrides))
-    cfg = from_dict(RunConfig, data, source=str(path))
+    problems: list[tuple[str, str]] = []
+    cfg = None
     try:
-        method_config(cfg)
+        cfg = from_dict(RunConfig, data, source=str(path))
     except ConfigError as err:
-        raise ConfigError(err.problems, str(path)) from None
+        problems += err.problems
+    recipe, method = data.get("recipe"), data.get("method")
+    if recipe in RECIPES and isinstance(method, dict | None):
+        try:
+            from_dict(get_recipe(recipe).Config, method, source=str(path), path="method")
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems, str(path))
     return cfg
 
 

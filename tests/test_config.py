@@ -22,8 +22,12 @@ def test_every_bad_key_and_value_is_reported_in_one_error():
     with pytest.raises(ConfigError) as info:
         load_run_config(
             "resshift_tiny",
-            ["engine.zero_stage=5", "engine.precison=bf16", "data.batch_size=two",
-             "method.schedule.steps=0"],
+            [
+                "engine.zero_stage=5",
+                "engine.precison=bf16",
+                "data.batch_size=two",
+                "method.schedule.steps=0",
+            ],
         )
     paths = [p for p, _ in info.value.problems]
     assert "engine.zero_stage" in paths

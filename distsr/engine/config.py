@@ -104,7 +104,7 @@ class ScalingConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection for tests: the worker of ``fail_rank`` exits hard once at ``fail_at_step``."""
+    """Fault injection for tests: rank ``fail_rank`` exits hard once at ``fail_at_step``."""
 
     fail_at_step: int | None = None
     fail_rank: int = 0

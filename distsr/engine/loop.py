@@ -132,7 +132,10 @@ class Trainer:
             if self.step % cfg.engine.log_every == 0 or self.step == cfg.engine.max_steps:
                 lr = self.engines[next(iter(self.engines))].get_lr()[0]
                 last = self.logger.flush(self.step, {"lr": lr, "skipped_samples": self.skipped})
-            if self.step % cfg.engine.checkpoint.every_steps == 0 or self.step == cfg.engine.max_steps:
+            if (
+                self.step % cfg.engine.checkpoint.every_steps == 0
+                or self.step == cfg.engine.max_steps
+            ):
                 self.checkpoint(last)
         self.logger.close()
         return last

@@ -48,7 +48,9 @@ class MetricLogger:
         eta = timedelta(seconds=int(record["step_time"] * (self.max_steps - step)))
         if self.enabled:
             scalars = " | ".join(
-                f"{k} {v:.4g}" for k, v in record.items() if k not in ("step",) and isinstance(v, float)
+                f"{k} {v:.4g}"
+                for k, v in record.items()
+                if k not in ("step",) and isinstance(v, float)
             )
             print(f"[distsr] step {step}/{self.max_steps} | {scalars} | ETA {eta}", flush=True)
             self.jsonl.write(json.dumps(record) + "\n")

@@ -35,7 +35,8 @@ class AutoencoderConfig:
 @dataclass
 class ResShiftConfig:
     unet: dict = field(default_factory=lambda: dict(RESSHIFT_REALSR_X4_KWARGS))
-    unet_checkpoint: str | None = None  # start from official weights (e.g. resshift_realsrx4_s15_v1.pth)
+    # start from official weights, e.g. resshift_realsrx4_s15_v1.pth
+    unet_checkpoint: str | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     scale: int = 4
