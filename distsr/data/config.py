@@ -131,16 +131,15 @@ def _check_range(key, pair, positive):
 
 @dataclass
 class DataConfig:
-    """The training reader: resampled WebDataset shards, split by rank and dataloader worker."""
+    """The training reader (``distsr.data.reader``): resampled WebDataset shards, a shuffle
+    buffer, an optional paired random crop and batching, per rank and DataLoader worker."""
 
     shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns of .tar files
-    batch_size: int = 4  # micro-batch per worker (rank)
-    num_workers: int = 0  # torch DataLoader workers per rank
-    shuffle: int = 64  # shuffle buffer (samples)
-    gt_size: int | None = (
-        None  # random-crop gt (and the matching lq) to this size; None = as stored
-    )
-    scale: int = 4
+    batch_size: int = 4  # micro-batch per rank
+    num_workers: int = 0  # torch DataLoader workers per rank (0 = in the training process)
+    shuffle: int = 64  # shuffle buffer (samples); 0 = no shuffling
+    gt_size: int | None = None  # random-crop gt (and the aligned lq) to this size; None = as stored
+    scale: int = 4  # gt size / lq size of the shards
 
     def validate(self):
         problems = []
@@ -148,6 +147,66 @@ class DataConfig:
             problems.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
         if self.num_workers < 0:
             problems.append(("num_workers", f"must be >= 0, got {self.num_workers}"))
-        if self.gt_size is not None and self.gt_size % self.scale:
-            problems.append(("gt_size", f"must be a multiple of scale={self.scale}"))
+        if self.shuffle < 0:
+            problems.append(("shuffle", f"must be >= 0, got {self.shuffle}"))
+        if self.scale < 1:
+            problems.append(("scale", f"must be >= 1, got {self.scale}"))
+        elif self.gt_size is not None and (self.gt_size < self.scale or self.gt_size % self.scale):
+            problems.append(("gt_size", f"must be a positive multiple of scale={self.scale}"))
+        return problems
+
+
+IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"]
+
+
+@dataclass
+class ShardsConfig:
+    """The shard-making job (``jobs/make_shards.py``): image folders -> ``gt`` crops ->
+    ``degradation`` -> ``{prefix}-NNNNNN.tar`` shards of ``shard_size`` samples in ``output``.
+
+    ``crop_mode="grid"`` cuts every ``stride``-spaced crop (``None`` = ``crop_size``, no
+    overlap; the last row/column is aligned to the border); ``"random"`` cuts ``random_crops``
+    crops per image at seeded positions. Images smaller than ``max(min_size, crop_size)`` on
+    either side are skipped. ``workers`` processes write shards in parallel (1 = in-process).
+    """
+
+    inputs: list[str] = field(default_factory=list)  # image folders (recursive), globs or files
+    output: str = ""
+    prefix: str = "train"
+    crop_size: int = 256
+    crop_mode: Literal["grid", "random"] = "grid"
+    stride: int | None = None
+    random_crops: int = 8
+    min_size: int = 0
+    shard_size: int = 1000
+    seed: int = 0
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    workers: int = 1
+
+    def validate(self):
+        problems = []
+        if not self.inputs:
+            problems.append(("inputs", "needs at least one image folder, glob or file"))
+        if not self.output:
+            problems.append(("output", "needs the folder to write shards into"))
+        if not self.prefix or any(c in self.prefix for c in "/\\.{}*?[]"):
+            problems.append(("prefix", f"must be a plain file-name prefix, got {self.prefix!r}"))
+        scale = self.degradation.scale
+        if self.crop_size < 1 or (scale >= 1 and self.crop_size % scale):
+            problems.append(
+                ("crop_size", f"must be a positive multiple of degradation.scale={scale}")
+            )
+        if self.stride is not None and self.stride < 1:
+            problems.append(("stride", f"must be >= 1 (or null for crop_size), got {self.stride}"))
+        for key in ("random_crops", "shard_size", "workers"):
+            if getattr(self, key) < 1:
+                problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        if self.min_size < 0:
+            problems.append(("min_size", f"must be >= 0, got {self.min_size}"))
+        if self.seed < 0:
+            problems.append(("seed", f"must be >= 0, got {self.seed}"))
+        bad_ext = [e for e in self.extensions if not e.startswith(".")]
+        if not self.extensions or bad_ext:
+            problems.append(("extensions", f"need a list like ['.png', '.jpg'], got {bad_ext}"))
         return problems

@@ -1,0 +1,302 @@
+"""Reading training shards: resampled WebDataset shards -> decoded, cropped, batched ``gt``/``lq``.
+
+Steps, not epochs (see docs: ZeRO-3 forwards are collective): each rank draws shards *with
+replacement* from its own seeded stream (``seed``, ``rank``, ``start_step``; a resumed run
+does not replay the first run's stream), so the stream never ends and every rank yields
+exactly ``steps`` batches. DataLoader workers get their own sub-streams.
+
+Corrupt data (an unreadable or truncated shard, an undecodable PNG, a missing field) is
+skipped with one warning per shard/sample naming the shard url and key. Each skip is counted in
+the ``"skipped"`` field of the next batch the same process yields, so summing that field over
+the batches gives the total with or without worker processes; ``TrainLoader.skipped`` holds
+the running sum. A stream that gives no usable sample for a long while raises instead of
+spinning forever.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import itertools
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+
+from distsr.config import ConfigError
+from distsr.data.config import DataConfig
+from distsr.data.shards import stable_seed
+
+log = logging.getLogger(__name__)
+FIELDS = ("gt.png", "lq.png", "meta.json")
+
+
+def list_shards(patterns: str | Sequence[str]) -> list[str]:
+    """Shard urls from folders (their ``*.tar``), globs, brace patterns, files or remote urls
+    (``pipe:``, ``http://``...: kept as given). Raises ``ValueError`` naming a pattern that
+    matches nothing or a listed file that does not exist."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ValueError("no shard patterns given (data.shards is empty)")
+    urls: dict[str, None] = {}
+    for pattern in patterns:
+        found = _expand(pattern)
+        if not found:
+            raise ValueError(f"shard pattern {pattern!r} matches no .tar file")
+        urls.update(dict.fromkeys(found))
+    return list(urls)
+
+
+def _expand(pattern: str) -> list[str]:
+    if "://" in pattern or pattern.startswith("pipe:"):
+        return list(wds.shardlists.expand_urls(pattern))
+    found = []
+    for item in wds.shardlists.expand_urls(pattern):
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found += sorted(str(p) for p in path.glob("*.tar"))
+        elif any(c in item for c in "*?["):
+            found += sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+        elif path.is_file():
+            found.append(str(path))
+        elif item != pattern:
+            raise ValueError(f"shard {item} (from pattern {pattern!r}) does not exist")
+    return found
+
+
+class SkipCounter:
+    """Counts skipped corrupt samples/shard reads of one process; warns once per (url, key).
+
+    ``max_dry``: raise after this many shard reads + skips in a row without a usable sample.
+    """
+
+    def __init__(self, max_dry: int | None = None):
+        self.total = 0
+        self.max_dry = max_dry
+        self._pending = 0
+        self._dry = 0
+        self._warned: set[tuple] = set()
+
+    def skip(self, url: str | None, key: str | None, reason: str) -> None:
+        self.total += 1
+        self._pending += 1
+        if (url, key) not in self._warned:
+            self._warned.add((url, key))
+            what = f"sample {key} of shard {url}" if key else f"the rest of shard {url}"
+            log.warning("skipping %s: %s", what, reason)
+        self._dry_step(url)
+
+    def shard_opened(self, url: str) -> None:
+        self._dry_step(url)
+
+    def good(self) -> None:
+        self._dry = 0
+
+    def take(self) -> int:
+        """Skips since the last call (reported with the next batch)."""
+        count, self._pending = self._pending, 0
+        return count
+
+    def _dry_step(self, url) -> None:
+        self._dry += 1
+        if self.max_dry is not None and self._dry > self.max_dry:
+            raise RuntimeError(
+                f"no usable sample in the last {self.max_dry} shard reads/skips "
+                f"(last shard: {url}); are the shards empty or corrupt?"
+            )
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+def _worker_index() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+def _read_shards(src, counter: SkipCounter):
+    """``{url}`` -> raw samples; a shard that fails to open/read is skipped from there on."""
+    for item in src:
+        counter.shard_opened(item["url"])
+        yield from _read_one(item["url"], counter)
+
+
+def _read_one(url: str, counter: SkipCounter):
+    failed = []
+
+    def handler(exn: Exception) -> bool:
+        if not failed:  # one read error (tarfile may raise twice) -> one skip
+            counter.skip(url, None, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+        failed.append(exn)
+        return True
+
+    yield from wds.tarfile_samples([{"url": url}], handler=handler)
+
+
+def _shuffle(src, bufsize: int, seed: int):
+    if bufsize <= 1:
+        yield from src
+        return
+    rng = random.Random(stable_seed(seed, _worker_index(), "shuffle"))
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(src)
+
+
+def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, seed: int):
+    """Raw samples -> ``{__key__, __url__, gt, lq, meta}`` (float32 CHW in [0, 1])."""
+    rng = random.Random(stable_seed(seed, _worker_index(), "crop"))
+    for sample in src:
+        url, key = sample.get("__url__"), sample.get("__key__")
+        try:
+            gt, lq, meta = decode_fields(sample)
+        except Exception as err:  # any decoder error: this sample is corrupt
+            counter.skip(url, key, f"{type(err).__name__}: {err}")
+            continue
+        if scale is not None:
+            check_scale(gt, lq, scale, f"shard {url} sample {key}")
+        if gt_size is not None:
+            gt, lq = paired_crop(gt, lq, gt_size, scale, rng)
+        counter.good()
+        yield {
+            "__key__": key,
+            "__url__": url,
+            "gt": to_tensor(gt),
+            "lq": to_tensor(lq),
+            "meta": meta,
+        }
+
+
+def decode_fields(sample: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    missing = [f for f in FIELDS if f not in sample]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    return (
+        decode_png(sample["gt.png"]),
+        decode_png(sample["lq.png"]),
+        json.loads(sample["meta.json"]),
+    )
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def check_scale(gt: np.ndarray, lq: np.ndarray, scale: int, where: str) -> None:
+    if gt.shape[:2] != (lq.shape[0] * scale, lq.shape[1] * scale):
+        raise ValueError(
+            f"{where}: gt {gt.shape[1]}x{gt.shape[0]} is not {scale}x lq "
+            f"{lq.shape[1]}x{lq.shape[0]}; data.scale must match the shards' degradation.scale"
+        )
+
+
+def paired_crop(gt, lq, gt_size: int, scale: int, rng: random.Random):
+    """Random ``gt_size`` gt crop and the lq crop it came from (aligned to the lq grid)."""
+    size = gt_size // scale
+    h, w = lq.shape[:2]
+    if h < size or w < size:
+        raise ValueError(
+            f"data.gt_size={gt_size} is larger than the stored gt {w * scale}x{h * scale}"
+        )
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    lq = lq[top : top + size, left : left + size]
+    gt = gt[top * scale : (top + size) * scale, left * scale : (left + size) * scale]
+    return gt, lq
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def _batch(src, counter: SkipCounter, batch_size: int):
+    for group in iter(lambda: list(itertools.islice(src, batch_size)), []):
+        if len(group) == batch_size:
+            yield collate(group, skipped=counter.take())
+
+
+def collate(samples: list[dict], skipped: int = 0) -> dict:
+    shapes = {(s["gt"].shape, s["lq"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"samples of different sizes {sorted(shapes)}: set data.gt_size to crop")
+    return {
+        "gt": torch.stack([s["gt"] for s in samples]),
+        "lq": torch.stack([s["lq"] for s in samples]),
+        "__key__": [s["__key__"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+# ---------------------------------------------------------------- loaders
+
+
+class TrainLoader:
+    """Iterable of exactly ``steps`` batches; ``skipped`` sums the batches' skip counts."""
+
+    def __init__(self, dataset: wds.DataPipeline, steps: int, num_workers: int):
+        self.dataset, self.steps, self.num_workers = dataset, steps, num_workers
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict]:
+        source = self.dataset
+        if self.num_workers > 0:
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        count = 0
+        for batch in itertools.islice(source, self.steps):
+            self.skipped += batch["skipped"]
+            count += 1
+            yield batch
+        if count != self.steps:  # cannot happen with resampled (infinite) streams
+            raise RuntimeError(f"data stream ended after {count} of {self.steps} batches")
+
+
+def make_train_loader(
+    cfg: DataConfig, *, rank: int, world_size: int, steps: int, seed: int, start_step: int = 0
+) -> TrainLoader:
+    """Exactly ``steps`` batches ``{gt [B,3,H,W], lq [B,3,h,w] float32 in [0,1], __key__,
+    meta, skipped}`` for this rank, from shards resampled with a per-rank seed."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError([(f"data.{key}", msg) for key, msg in problems], "data config")
+    urls = list_shards(cfg.shards)
+    stream_seed = stable_seed(seed, rank, start_step)
+    workers = max(cfg.num_workers, 1)
+    counter = SkipCounter(max_dry=1000 + cfg.shuffle)
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=stream_seed, worker_seed=_worker_index, deterministic=True),
+        functools.partial(_read_shards, counter=counter),
+        functools.partial(_shuffle, bufsize=cfg.shuffle, seed=stream_seed),
+        functools.partial(
+            _decode, counter=counter, scale=cfg.scale, gt_size=cfg.gt_size, seed=stream_seed
+        ),
+        functools.partial(_batch, counter=counter, batch_size=cfg.batch_size),
+    ).with_epoch(nbatches=math.ceil(steps / workers))
+    return TrainLoader(dataset, steps, cfg.num_workers)
+
+
+def iter_samples(
+    urls: str | Sequence[str], *, scale: int | None = None, counter: SkipCounter | None = None
+) -> Iterator[dict]:
+    """Every sample of the shards once, in order (for evaluation): ``{__key__, __url__,
+    gt [3,H,W], lq [3,h,w] float32 in [0,1], meta}``; corrupt data skipped and counted in
+    ``counter``. ``scale``, if given, checks gt = scale x lq."""
+    counter = counter if counter is not None else SkipCounter()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(list_shards(urls)),
+        functools.partial(_read_shards, counter=counter),
+        functools.partial(_decode, counter=counter, scale=scale, gt_size=None, seed=0),
+    )
+    return iter(pipeline)
