@@ -73,9 +73,9 @@ def test_launch_trains_with_two_ray_workers_then_resumes_after_kill(tiny_shards,
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert f"resumed from" in out and f"at step {newest}" in out
+    assert "resumed from" in out and f"at step {newest}" in out
     metrics = read_metrics(run_dir)
-    resumed = [m["step"] for m in metrics][len([m for m in metrics if m["step"] <= killed_at]):]
+    resumed = [m["step"] for m in metrics][len([m for m in metrics if m["step"] <= killed_at]) :]
     # after the resume, logging continues after the checkpoint step: nothing before it repeats
     assert resumed[0] > newest and resumed[-1] == 40
     losses = [m["loss/unet"] for m in metrics]
