@@ -64,6 +64,19 @@ def load_run_config(spec: str, overrides: list[str] = ()) -> RunConfig:
             problems += err.problems
     if problems:
         raise ConfigError(problems, str(path))
+    return absolutize_paths(cfg)
+
+
+def _absolute(spec: str) -> str:
+    """Local paths are made absolute here, on the driver: Ray workers run in other folders."""
+    if "://" in spec or spec.startswith("pipe:"):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def absolutize_paths(cfg: RunConfig) -> RunConfig:
+    cfg.output_dir = _absolute(cfg.output_dir)
+    cfg.data.shards = [_absolute(s) for s in cfg.data.shards]
     return cfg
 
 

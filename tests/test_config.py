@@ -74,3 +74,24 @@ def test_run_record_holds_resolved_config_and_command(tmp_path):
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["command"].startswith("python -m distsr.launch")
     assert record["git_revision"]
+
+
+def test_missing_weights_are_a_clear_error_before_any_work(tmp_path, capsys):
+    from distsr.launch import main
+
+    code = main(
+        ["resshift_realsr_x4", f"output_dir={tmp_path}", "method.unet_checkpoint=/no/such/unet.pth",
+         "method.autoencoder.checkpoint=/no/such/vq.pth"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "method.unet_checkpoint: weights file not found: /no/such/unet.pth" in err
+    assert "method.autoencoder.checkpoint: weights file not found: /no/such/vq.pth" in err
+    assert not (tmp_path / "resshift_realsr_x4").exists()  # nothing started, nothing written
+
+
+def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config("resshift_tiny", ["output_dir=out", "data.shards=[sh/a,s3://b/c.tar]"])
+    assert cfg.output_dir == str(tmp_path / "out")
+    assert cfg.data.shards == [str(tmp_path / "sh" / "a"), "s3://b/c.tar"]

@@ -40,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from distsr.config import ConfigError, to_dict
+from distsr.data.bundled import expand_bundled
 from distsr.data.config import ShardsConfig
 from distsr.data.degradation import degrade
 
@@ -79,7 +80,10 @@ def list_images(inputs: list[str], extensions: list[str]) -> list[Path]:
     found: dict[Path, None] = {}
     for spec in inputs:
         path = Path(spec).expanduser()
-        if path.is_dir():
+        bundled = expand_bundled(spec)
+        if bundled is not None:
+            matches = bundled
+        elif path.is_dir():
             matches = sorted(path.rglob("*"))
         elif any(c in spec for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))

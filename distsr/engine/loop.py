@@ -14,6 +14,7 @@ from distsr.engine.build import build_engine
 from distsr.engine.checkpoint import load_state, save_state
 from distsr.engine.context import DistContext
 from distsr.engine.ema import EMA
+from distsr.engine.export import export_weights
 from distsr.engine.metrics import MetricLogger
 from distsr.registry import get_recipe
 from distsr.runconfig import RunConfig, method_config
@@ -138,6 +139,7 @@ class Trainer:
             ):
                 self.checkpoint(last)
         self.logger.close()
+        export_weights(self.cfg.run_dir, self.engines, self.emas, self.ctx.is_main)
         return last
 
 

@@ -11,25 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from distsr.diffusion.resshift import ResShiftDiffusion, ScheduleConfig
+from distsr.models.autoencoder import AutoencoderConfig, build_autoencoder, missing_file
 from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin
 from distsr.recipes.base import Recipe, Update
-
-
-@dataclass
-class AutoencoderConfig:
-    kind: Literal["pixel", "vq_f4"] = "vq_f4"
-    checkpoint: str | None = None  # official autoencoder_vq_f4.pth (required for vq_f4)
-
-    def validate(self):
-        if self.kind == "vq_f4" and not self.checkpoint:
-            return [("checkpoint", "vq_f4 needs the path of the official autoencoder_vq_f4.pth")]
-        return []
 
 
 @dataclass
@@ -41,39 +30,8 @@ class ResShiftConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     scale: int = 4
 
-
-class PixelAutoencoder(torch.nn.Module):
-    """Identity first stage: the latent is the image in [-1, 1] (tiny configs and tests)."""
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-
-class VQAutoencoder(torch.nn.Module):
-    """Frozen VQ-f4: encode without quantisation, decode with quantisation (official semantics)."""
-
-    def __init__(self, checkpoint: str):
-        super().__init__()
-        from distsr.models.vq import vq_from_official
-
-        self.vq = vq_from_official(checkpoint).requires_grad_(False).eval()
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        from distsr.models.vq import vq_encode
-
-        return vq_encode(self.vq, x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        from distsr.models.vq import vq_decode
-
-        return vq_decode(self.vq, z)
-
-
-def build_autoencoder(cfg: AutoencoderConfig) -> torch.nn.Module:
-    return PixelAutoencoder() if cfg.kind == "pixel" else VQAutoencoder(cfg.checkpoint)
+    def validate(self):
+        return missing_file("unet_checkpoint", self.unet_checkpoint)
 
 
 def build_unet(cfg: ResShiftConfig) -> UNetModelSwin:
