@@ -139,3 +139,55 @@ def test_in_process_run_resumes_and_keeps_ema(tiny_shards, tmp_path):
     ema_after = torch.load(ckpt / "step_00000006" / "client_state.pt", weights_only=False)["ema"]
     name = next(iter(ema_before["unet"]["shadow"]))
     assert not torch.equal(ema_before["unet"]["shadow"][name], ema_after["unet"]["shadow"][name])
+
+
+def test_corrupt_shards_are_skipped_counted_and_training_continues(tiny_shards, tmp_path):
+    import shutil
+
+    import webdataset as wds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = shutil.copy(sorted(tiny_shards.glob("*.tar"))[0], shards)
+    data = Path(good).read_bytes()
+    (shards / "train-000090.tar").write_bytes(data[: len(data) // 3])  # truncated mid-file
+    with wds.TarWriter(str(shards / "train-000091.tar")) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"bad{i}", "gt.png": b"not a png", "lq.png": b"x",
+                        "meta.json": b"{}"})  # fmt: skip
+    cfg = load_run_config(
+        "resshift_tiny",
+        tiny_overrides(
+            tmp_path, shards, "name=corrupt", "scaling.ray=false", "scaling.num_workers=1",
+            "engine.max_steps=30", "engine.log_every=30", "engine.zero_stage=0",
+        ),
+    )  # fmt: skip
+    final = run(cfg)
+    assert final["step"] == 30
+    assert final["skipped_samples"] > 0
+    state = torch.load(
+        cfg.run_dir / "checkpoints" / "step_00000030" / "client_state.pt", weights_only=False
+    )
+    assert state["skipped_samples"] == final["skipped_samples"]
+
+
+def test_exported_weights_load_strictly_into_the_official_architecture(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from distsr.models.resshift_unet import UNetModelSwin
+
+    cfg = load_run_config(
+        "resshift_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=export", "scaling.ray=false", "scaling.num_workers=1",
+            "engine.max_steps=2", "engine.zero_stage=0",
+        ),
+    )  # fmt: skip
+    run(cfg)
+    unet = UNetModelSwin(**cfg.method["unet"])
+    for name in ("unet", "unet_ema"):
+        state = load_file(cfg.run_dir / "export" / f"{name}.safetensors")
+        unet.load_state_dict(state, strict=True)
+    raw = load_file(cfg.run_dir / "export" / "unet.safetensors")
+    ema = load_file(cfg.run_dir / "export" / "unet_ema.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
