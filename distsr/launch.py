@@ -15,7 +15,13 @@ import sys
 import yaml
 
 from distsr.config import ConfigError
-from distsr.runconfig import RunConfig, load_run_config, to_dict, write_run_record
+from distsr.runconfig import (
+    RunConfig,
+    check_output_dir,
+    load_run_config,
+    to_dict,
+    write_run_record,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -80,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        check_output_dir(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        dry_run(cfg)
-        return 0
     run_dir = write_run_record(cfg, ["python", "-m", "distsr.launch", *(argv or sys.argv[1:])])
     print(f"[distsr] run folder: {run_dir}", flush=True)
     metrics = run(cfg)

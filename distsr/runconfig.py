@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -100,6 +101,24 @@ def git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Fail before any work when the run folder cannot be written or its disk is nearly full."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {run_dir} is not writable: {err}") from None
+    free_gb = shutil.disk_usage(run_dir).free / 1e9
+    if free_gb < cfg.engine.min_free_gb:
+        raise ValueError(
+            f"only {free_gb:.2f} GB free on the disk of {run_dir}, less than "
+            f"engine.min_free_gb={cfg.engine.min_free_gb:g}: free space or pick another output_dir"
+        )
 
 
 def write_run_record(cfg: RunConfig, argv: list[str] | None = None) -> Path:

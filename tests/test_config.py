@@ -95,3 +95,30 @@ def test_relative_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
     cfg = load_run_config("resshift_tiny", ["output_dir=out", "data.shards=[sh/a,s3://b/c.tar]"])
     assert cfg.output_dir == str(tmp_path / "out")
     assert cfg.data.shards == [str(tmp_path / "sh" / "a"), "s3://b/c.tar"]
+
+
+def test_unwritable_output_folder_is_refused_before_work(tmp_path, capsys):
+    from distsr.launch import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["resshift_tiny", f"output_dir={blocker}"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_full_disk_is_refused_before_work(tmp_path, capsys):
+    from distsr.launch import main
+
+    assert main(["resshift_tiny", f"output_dir={tmp_path}", "engine.min_free_gb=1000000000.0"]) == 2
+    err = capsys.readouterr().err
+    assert "GB free" in err and "min_free_gb" in err
+    assert not (tmp_path / "resshift_tiny" / "config.yaml").exists()
+
+
+def test_dry_run_prints_resolved_config_and_deepspeed_json(capsys):
+    from distsr.launch import main
+
+    assert main(["resshift_tiny", "engine.zero_stage=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: resshift" in out
+    assert '"stage": 3' in out

@@ -63,6 +63,8 @@ class EngineConfig:
     grad_accum: int = 1
     ema_decay: float | None = None  # EMA of the trainable weights the recipe names
     log_every: int = 10
+    max_nonfinite_in_row: int = 10  # stop after this many NaN/inf losses in a row
+    min_free_gb: float = 1.0  # refuse to start when the output folder's disk has less free
     tensorboard: bool = True
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -78,6 +80,8 @@ class EngineConfig:
             problems.append(("grad_accum", f"must be >= 1, got {self.grad_accum}"))
         if self.grad_clip < 0:
             problems.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
+        if self.max_nonfinite_in_row < 1:
+            problems.append(("max_nonfinite_in_row", "must be >= 1"))
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             problems.append(("ema_decay", f"must be in (0, 1), got {self.ema_decay}"))
         return problems
@@ -108,3 +112,5 @@ class DebugConfig:
 
     fail_at_step: int | None = None
     fail_rank: int = 0
+    nonfinite_at_steps: list[int] = field(default_factory=list)  # NaN loss at these steps
+    nonfinite_rank: int = 0

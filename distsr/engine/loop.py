@@ -7,15 +7,16 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from distsr.config import from_dict
-from distsr.data.reader import make_train_loader
 from distsr.engine.build import build_engine
-from distsr.engine.checkpoint import load_state, save_state
+from distsr.engine.checkpoint import load_state, save_state, step_name
 from distsr.engine.context import DistContext
 from distsr.engine.ema import EMA
 from distsr.engine.export import export_weights
 from distsr.engine.metrics import MetricLogger
+from distsr.engine.status import RunStatus
 from distsr.registry import get_recipe
 from distsr.runconfig import RunConfig, method_config
 
@@ -46,6 +47,8 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped = 0
+        self.nonfinite = 0
+        self.nonfinite_in_row = 0
 
     # -- checkpoints -------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -53,6 +56,7 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.samples_seen,
             "skipped_samples": self.skipped,
+            "nonfinite_steps": self.nonfinite,
             "recipe": self.recipe.state_dict(),
             "ema": {n: e.state_dict() for n, e in self.emas.items()},
         }
@@ -65,6 +69,7 @@ class Trainer:
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.skipped = state.get("skipped_samples", 0)
+        self.nonfinite = state.get("nonfinite_steps", 0)
         self.recipe.load_state_dict(state["recipe"])
         for name, ema_state in state["ema"].items():
             self.emas[name].load_state_dict(ema_state)
@@ -89,58 +94,108 @@ class Trainer:
             print(f"[distsr] injected failure at step {self.step} on rank {self.ctx.rank}")
             os._exit(17)
 
-    def micro_step(self, batch: dict) -> None:
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on EVERY rank (flag all-reduced, so all ranks agree)."""
+        dbg = self.cfg.debug
+        if self.step in dbg.nonfinite_at_steps and self.ctx.rank == dbg.nonfinite_rank:
+            loss = loss * float("nan")
+        flag = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def micro_step(self, batch: dict) -> bool:
+        """Apply the recipe's updates in order; False (nothing more applied) on a NaN/inf loss."""
         for update in self.recipe.training_step(batch, self.step):
+            if not self.all_finite(update.loss):
+                return False
             engine = self.engines[update.engine]
             engine.backward(update.loss)
             engine.step()
-            self.logger.accumulate({f"loss/{update.engine}": update.loss.item(), **update.logs})
+            logs = {f"loss/{update.engine}": update.loss.item(), **update.logs}
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                logs[f"grad_norm/{update.engine}"] = float(norm)
+            self.logger.accumulate(logs)
+        return True
+
+    def skip_nonfinite(self) -> None:
+        self.nonfinite += 1
+        self.nonfinite_in_row += 1
+        limit = self.cfg.engine.max_nonfinite_in_row
+        if self.ctx.is_main:
+            print(f"[distsr] non-finite loss at step {self.step}: skipped on all ranks "
+                  f"({self.nonfinite_in_row} in a row, limit {limit})", flush=True)  # fmt: skip
+        if self.nonfinite_in_row >= limit:
+            self.status.update(state="failed", nonfinite_steps=self.nonfinite)
+            raise RuntimeError(
+                f"loss was NaN/inf on {self.nonfinite_in_row} micro-batches in a row at step "
+                f"{self.step}; stopping (engine.max_nonfinite_in_row={limit}). Lower the learning "
+                "rate, enable grad_clip, or check the data; the last good checkpoint is kept."
+            )
+
+    def optimizer_step_done(self) -> None:
+        cfg = self.cfg
+        self.step += 1
+        batch_samples = cfg.data.batch_size * cfg.engine.grad_accum * self.ctx.world_size
+        self.samples_seen += batch_samples
+        self.logger.step_done(batch_samples)
+        for name, ema in self.emas.items():
+            ema.update(self.engines[name])
+        self.maybe_inject_failure()
+        final = self.step == cfg.engine.max_steps
+        if self.step % cfg.engine.log_every == 0 or final:
+            lr = self.engines[next(iter(self.engines))].get_lr()[0]
+            extra = {"lr": lr, "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite}
+            self.last = self.logger.flush(self.step, extra)
+            self.status.update(state="running", step=self.step, skipped_samples=self.skipped,
+                               nonfinite_steps=self.nonfinite, eta_s=self.logger.eta_s)  # fmt: skip
+        if self.step % cfg.engine.checkpoint.every_steps == 0 or final:
+            self.checkpoint(self.last)
+            self.status.update(last_checkpoint=step_name(self.step), step=self.step)
+
+    def make_loader(self, micro_steps: int):
+        return self.recipe.make_loader(
+            self.cfg.data,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            steps=micro_steps,
+            seed=self.cfg.seed,
+            start_step=self.step,
+        )
 
     def run(self) -> dict:
         cfg = self.cfg
         self.restore()
+        self.last = {"step": self.step}
+        self.status = RunStatus(cfg.run_dir, self.ctx.is_main, cfg.engine.max_steps)
+        self.status.update(state="running", step=self.step, skipped_samples=self.skipped)
         accum = cfg.engine.grad_accum
         micro_steps = (cfg.engine.max_steps - self.step) * accum
-        self.logger = MetricLogger(
-            cfg.run_dir,
-            enabled=self.ctx.is_main,
-            tensorboard=cfg.engine.tensorboard,
-            max_steps=cfg.engine.max_steps,
-        )
-        last = {"step": self.step}
         if micro_steps <= 0:
-            return last
-        loader = make_train_loader(
-            cfg.data,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            steps=micro_steps,
-            seed=cfg.seed,
-            start_step=self.step,
-        )
-        for i, batch in enumerate(loader):
+            self.status.update(state="finished")
+            return self.last
+        self.logger = MetricLogger(cfg.run_dir, enabled=self.ctx.is_main,
+                                   tensorboard=cfg.engine.tensorboard,
+                                   max_steps=cfg.engine.max_steps)  # fmt: skip
+        # spare batches for skipped non-finite micro-batches (every rank skips the same ones)
+        spare = cfg.engine.max_nonfinite_in_row * accum * 4
+        done_micro = 0
+        for batch in self.logger.timed(self.make_loader(micro_steps + spare)):
             self.skipped += int(batch.pop("skipped", 0))
-            self.micro_step(batch)
-            if (i + 1) % accum:
+            if not self.micro_step(batch):
+                self.skip_nonfinite()
                 continue
-            self.step += 1
-            batch_samples = cfg.data.batch_size * accum * self.ctx.world_size
-            self.samples_seen += batch_samples
-            self.logger.step_done(batch_samples)
-            for name, ema in self.emas.items():
-                ema.update(self.engines[name])
-            self.maybe_inject_failure()
-            if self.step % cfg.engine.log_every == 0 or self.step == cfg.engine.max_steps:
-                lr = self.engines[next(iter(self.engines))].get_lr()[0]
-                last = self.logger.flush(self.step, {"lr": lr, "skipped_samples": self.skipped})
-            if (
-                self.step % cfg.engine.checkpoint.every_steps == 0
-                or self.step == cfg.engine.max_steps
-            ):
-                self.checkpoint(last)
+            self.nonfinite_in_row = 0
+            done_micro += 1
+            if done_micro % accum == 0:
+                self.optimizer_step_done()
+            if self.step >= cfg.engine.max_steps:
+                break
         self.logger.close()
-        export_weights(self.cfg.run_dir, self.engines, self.emas, self.ctx.is_main)
-        return last
+        export_weights(cfg.run_dir, self.engines, self.emas, self.ctx.is_main)
+        self.status.update(state="finished", step=self.step)
+        return self.last
 
 
 def train_worker(cfg_dict: dict, ctx: DistContext, store) -> dict:

@@ -18,6 +18,8 @@ class MetricLogger:
         self.t0 = time.perf_counter()
         self.steps_in_window = 0
         self.samples_in_window = 0
+        self.data_wait = 0.0
+        self.eta_s: float | None = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
@@ -25,6 +27,18 @@ class MetricLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def timed(self, iterable):
+        """Yield from ``iterable``, adding the time spent waiting for each item to ``data_wait``."""
+        it = iter(iterable)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.data_wait += time.perf_counter() - t0
+            yield item
 
     def accumulate(self, logs: dict[str, float]) -> None:
         for key, value in logs.items():
@@ -43,9 +57,11 @@ class MetricLogger:
             step=step,
             step_time=elapsed / n,
             samples_per_s=self.samples_in_window / max(elapsed, 1e-9),
+            data_wait=self.data_wait / n,
             **(extra or {}),
         )
-        eta = timedelta(seconds=int(record["step_time"] * (self.max_steps - step)))
+        self.eta_s = record["step_time"] * (self.max_steps - step)
+        eta = timedelta(seconds=int(self.eta_s))
         if self.enabled:
             scalars = " | ".join(
                 f"{k} {v:.4g}"
@@ -63,6 +79,7 @@ class MetricLogger:
         self.window.clear()
         self.t0 = time.perf_counter()
         self.steps_in_window = self.samples_in_window = 0
+        self.data_wait = 0.0
         return record
 
     def close(self) -> None:

@@ -52,6 +52,12 @@ class Recipe:
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         raise NotImplementedError
 
+    def make_loader(self, data_cfg, **kwargs):
+        """The training stream (kwargs: rank, world_size, steps, seed, start_step)."""
+        from distsr.data.reader import make_train_loader
+
+        return make_train_loader(data_cfg, **kwargs)
+
     def state_dict(self) -> dict:
         """Recipe state outside the engines (saved in the checkpoint's client state)."""
         return {}
