@@ -191,3 +191,40 @@ def test_exported_weights_load_strictly_into_the_official_architecture(tiny_shar
     raw = load_file(cfg.run_dir / "export" / "unet.safetensors")
     ema = load_file(cfg.run_dir / "export" / "unet_ema.safetensors")
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_all_ranks(ray_cluster, tiny_shards, tmp_path):
+    cfg = load_run_config(
+        "resshift_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=nan", "engine.max_steps=5", "engine.log_every=1",
+            "engine.checkpoint.every_steps=5", "debug.nonfinite_at_steps=[2,3]",
+            "debug.nonfinite_rank=1",
+        ),
+    )  # fmt: skip
+    final = run(cfg)
+    assert final["step"] == 5
+    assert final["nonfinite_steps"] == 2  # counted on rank 0: the flag reached it
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["nonfinite_steps"] == 2
+    assert status["last_checkpoint"] == "step_00000005"
+    # if rank 0 had stepped while rank 1 skipped, ZeRO's collectives would hang or diverge;
+    # both ranks saved the same number of optimizer steps
+    state = torch.load(cfg.run_dir / "step_00000005" / "client_state.pt", weights_only=False)
+    assert state["step"] == 5 and state["nonfinite_steps"] == 2
+
+
+def test_too_many_nonfinite_losses_in_a_row_stop_with_a_clear_message(tiny_shards, tmp_path):
+    cfg = load_run_config(
+        "resshift_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=nanstop", "scaling.ray=false", "scaling.num_workers=1",
+            "engine.max_steps=6", "engine.checkpoint.every_steps=1", "engine.zero_stage=0",
+            "engine.max_nonfinite_in_row=3", "debug.nonfinite_at_steps=[2]",
+            "debug.nonfinite_repeat=10",
+        ),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="NaN/inf on 3 micro-batches in a row at step 2"):
+        run(cfg)
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["last_checkpoint"] == "step_00000002"

@@ -114,3 +114,4 @@ class DebugConfig:
     fail_rank: int = 0
     nonfinite_at_steps: list[int] = field(default_factory=list)  # NaN loss at these steps
     nonfinite_rank: int = 0
+    nonfinite_repeat: int = 1  # consecutive NaN micro-batches injected at each of those steps

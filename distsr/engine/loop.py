@@ -49,6 +49,7 @@ class Trainer:
         self.skipped = 0
         self.nonfinite = 0
         self.nonfinite_in_row = 0
+        self.injected_nonfinite: dict[int, int] = {}
 
     # -- checkpoints -------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -98,7 +99,10 @@ class Trainer:
         """True when the loss is finite on EVERY rank (flag all-reduced, so all ranks agree)."""
         dbg = self.cfg.debug
         if self.step in dbg.nonfinite_at_steps and self.ctx.rank == dbg.nonfinite_rank:
-            loss = loss * float("nan")
+            injected = self.injected_nonfinite.get(self.step, 0)
+            if injected < dbg.nonfinite_repeat:
+                self.injected_nonfinite[self.step] = injected + 1
+                loss = loss * float("nan")
         flag = torch.isfinite(loss.detach()).all().float().reshape(1)
         if self.ctx.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)

@@ -1,0 +1,327 @@
+"""TAD-SR loss pieces: HSD (paper 002 Eq. 7-8), hinge losses (Eq. 11-12), the time-aware
+discriminator (Eq. 9-10) on a tiny random ResShift UNet."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from distsr.diffusion import ResShiftDiffusion, ScheduleConfig
+from distsr.losses.adversarial import d_hinge_loss, d_hinge_terms, g_adv_loss
+from distsr.losses.hsd import (
+    hsd_gradient,
+    hsd_loss,
+    hsd_noise,
+    hsd_timestep_count,
+    sample_hsd_timesteps,
+)
+from distsr.models import UNetModelSwin
+from distsr.models.discriminator import (
+    TimeAwareDiscriminator,
+    feature_channels_for,
+    teacher_features,
+    validate_levels,
+)
+from distsr.recipes.base import frozen
+
+FIX = Path(__file__).parent / "fixtures" / "resshift"
+LEVELS = (1, 3)  # the tiny UNet has 4 input blocks: conv, res(16x16), down, res(8x8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ToyTeacher(nn.Module):
+    """A non-linear, t-dependent x0 predictor standing in for the teacher UNet."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) * 1.5 + 0.1 * t.float().view(-1, 1, 1, 1) * x**2
+
+
+def _tiny_unet() -> UNetModelSwin:
+    torch.manual_seed(0)
+    cfg = json.loads((FIX / "unet_small_config.json").read_text())
+    return UNetModelSwin(**cfg).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- HSD
+
+
+def test_hsd_gradient_equals_eps_difference_form():
+    """Paper Eq. 7 + appendix A1: eps_phi(z_t) = (z_t - F - eta (z_y - F)) / (sqrt(eta) kappa)
+    and the HSD gradient is w (eps_phi(z_t'^stu) - eps_phi(z_t'^tch)) with the U-Net Jacobian
+    omitted. Since z_t'^stu = (1 - eta) z0_stu + eta z_y + kappa sqrt(eta) eps, the stopped-
+    Jacobian eps_phi has d eps / d z0_stu = c = (1 - eta) / (sqrt(eta) kappa) (diagonal), so
+        L_eps(z0_stu) = sum_b w / (2 c_b) || eps_sg(z_t'^stu) - eps_phi(z_t'^tch) ||^2
+    has autograd gradient w (eps_stu - eps_tch). It must equal hsd_loss's gradient g."""
+    diffusion = ResShiftDiffusion(ScheduleConfig(steps=15))
+    teacher = ToyTeacher()
+    gen = torch.Generator().manual_seed(0)
+    B, C, H, W = 3, 3, 8, 8
+    z0_stu = torch.randn(B, C, H, W, generator=gen).requires_grad_(True)
+    z0_tch, z_y, noise = (torch.randn(B, C, H, W, generator=gen) for _ in range(3))
+    t = torch.tensor([0, 1, 2])
+
+    loss, g = hsd_loss(
+        z0_stu, z0_tch, z_y, teacher, diffusion, t, noise, reduction="sum", return_grad=True
+    )
+    (grad_hsd,) = torch.autograd.grad(loss, z0_stu)
+    assert teacher.conv.weight.grad is None
+
+    eta = torch.tensor(diffusion.etas[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
+    kappa, w = diffusion.kappa, 1.0 / (C * H * W)
+
+    def eps_phi(z_t, stop):
+        x0 = diffusion.denoise(teacher, z_t, t)
+        x0 = x0.detach() if stop else x0
+        return (z_t - x0 - eta * (z_y - x0)) / (eta.sqrt() * kappa)
+
+    z_t_stu = diffusion.q_sample(z0_stu, z_y, t, noise)
+    with torch.no_grad():
+        eps_tch = eps_phi(diffusion.q_sample(z0_tch, z_y, t, noise), stop=True)
+    c = (1 - eta) / (eta.sqrt() * kappa)
+    eps_stu = eps_phi(z_t_stu, stop=True)
+    l_eps = (w / (2 * c) * (eps_stu - eps_tch) ** 2).sum()
+    (grad_eps,) = torch.autograd.grad(l_eps, z0_stu)
+
+    torch.testing.assert_close(grad_hsd, grad_eps, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g, w * (eps_stu - eps_tch).detach(), rtol=1e-4, atol=1e-6)
+    assert grad_hsd.abs().max() > 1e-3  # not a vacuous comparison
+    # with the teacher Jacobian kept, the gradient differs: the toy teacher is not trivial
+    eps_full = eps_phi(diffusion.q_sample(z0_stu, z_y, t, noise), stop=False)
+    (grad_full,) = torch.autograd.grad((w / (2 * c) * (eps_full - eps_tch) ** 2).sum(), z0_stu)
+    assert (grad_full - grad_eps).abs().max() > 1e-3
+
+
+def test_hsd_loss_reduction_and_zero_at_teacher():
+    diffusion = ResShiftDiffusion(ScheduleConfig(steps=4, min_noise_level=0.2))
+    teacher = ToyTeacher()
+    gen = torch.Generator().manual_seed(3)
+    z0_stu = torch.randn(2, 3, 4, 4, generator=gen).requires_grad_(True)
+    z0_tch, z_y, noise = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
+    loss, g = hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, return_grad=True)
+    loss.backward()
+    torch.testing.assert_close(z0_stu.grad, g / 2)  # "mean": per-sample sums, batch mean
+    none = hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, reduction="none")
+    assert none.shape == (2,)
+    # student == teacher with the same noise: no gradient at all (paper: "no additional bias")
+    same = z0_tch.clone().requires_grad_(True)
+    _, g0 = hsd_loss(same, z0_tch, z_y, teacher, diffusion, 0, noise, return_grad=True)
+    assert torch.equal(g0, torch.zeros_like(g0))
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 4, noise)
+    with pytest.raises(ValueError, match="reduction"):
+        hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, reduction="avg")
+
+
+def test_hsd_gradient_hand_checked():
+    one = torch.ones(1, 2, 1, 2)
+    # eta = 0.25, kappa = 2, w = 1: w2 = 0.75 / (0.5 * 2) = 0.75; bracket = 3 - 1 + 0.5 - 2 = 0.5
+    g = hsd_gradient(3 * one, one, 0.5 * one, 2 * one, eta_t=0.25, kappa=2.0, w=1.0)
+    torch.testing.assert_close(g, 0.375 * one)
+    # default w = 1 / (C * S) = 1/4; per-sample eta [0.25, 1.0] (eta = 1 gives weight 0)
+    g = hsd_gradient(
+        3 * one.repeat(2, 1, 1, 1),
+        one.repeat(2, 1, 1, 1),
+        0 * one.repeat(2, 1, 1, 1),
+        0 * one.repeat(2, 1, 1, 1),
+        eta_t=torch.tensor([0.25, 1.0]),
+        kappa=2.0,
+    )
+    torch.testing.assert_close(g[0], torch.full((2, 1, 2), 0.75 * 2 / 4))
+    torch.testing.assert_close(g[1], torch.zeros(2, 1, 2))
+    with pytest.raises(ValueError, match="eta_t"):
+        hsd_gradient(one, one, one, one, eta_t=0.0, kappa=2.0)
+    with pytest.raises(ValueError, match="share one shape"):
+        hsd_gradient(one, one[:, :1], one, one, eta_t=0.5, kappa=2.0)
+
+
+def test_hsd_timesteps_and_noise():
+    assert hsd_timestep_count(15) == 3 and hsd_timestep_count(4) == 1
+    t = sample_hsd_timesteps(3000, 15, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and set(t.tolist()) == {0, 1, 2}  # paper [1, 3], 1-based
+    assert set(sample_hsd_timesteps(50, 4).tolist()) == {0}
+    a = sample_hsd_timesteps(8, 15, torch.Generator().manual_seed(5))
+    assert torch.equal(a, sample_hsd_timesteps(8, 15, torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="max_frac"):
+        sample_hsd_timesteps(4, 15, max_frac=0.0)
+    like = torch.empty(64, 3, 8, 8)
+    gauss = hsd_noise(like, "gaussian", torch.Generator().manual_seed(0))
+    unif = hsd_noise(like, "uniform", torch.Generator().manual_seed(0))
+    assert abs(gauss.mean()) < 0.05 and abs(gauss.std() - 1) < 0.05
+    assert unif.min() >= 0 and unif.max() < 1 and abs(unif.mean() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="kind"):
+        hsd_noise(like, "laplace")
+
+
+# ---------------------------------------------------------------- hinge losses
+
+
+def test_hinge_losses_hand_checked():
+    fake = [torch.tensor([[0.5, -2.0], [-0.5, 3.0]]), torch.tensor([[-1.0], [0.0]])]
+    real = [torch.tensor([[2.0, 0.0], [0.5, -1.0]]), torch.tensor([[1.0], [-3.0]])]
+    # fake: relu(1 + x) -> head0 [1.5, 0, 0.5, 4] mean 1.5, head1 [0, 1] mean 0.5 -> 2.0
+    # real: relu(1 - x) -> head0 [0, 1, 0.5, 2] mean 0.875, head1 [0, 4] mean 2 -> 2.875
+    loss_fake, loss_real = d_hinge_terms(fake, real)
+    assert loss_fake.item() == pytest.approx(2.0) and loss_real.item() == pytest.approx(2.875)
+    assert d_hinge_loss(fake, real).item() == pytest.approx(4.875)
+    # official: one mean over the concatenated logits: fake [1.5,0,0 | 0.5,4,1] -> 7/6
+    loss_fake_c, _ = d_hinge_terms(fake, real, heads="concat_mean")
+    assert loss_fake_c.item() == pytest.approx(7 / 6)
+    # generator: -(mean head0 + mean head1) = -(0.25 + -0.5) = 0.25
+    assert g_adv_loss(fake).item() == pytest.approx(0.25)
+    assert g_adv_loss(real, heads="concat_mean").item() == pytest.approx(0.5 / 6)
+    logit = torch.tensor([[0.5, -2.0]], requires_grad=True)
+    g_adv_loss([logit]).backward()
+    torch.testing.assert_close(logit.grad, torch.full((1, 2), -0.5))
+    with pytest.raises(ValueError, match="heads"):
+        d_hinge_loss(fake, real[:1])
+    with pytest.raises(ValueError, match="non-empty list"):
+        g_adv_loss(fake[0])
+
+
+# ---------------------------------------------------------------- discriminator
+
+
+def test_time_modulation_hand_checked():
+    disc = TimeAwareDiscriminator([4], time_embed_dim=4, hidden=4)
+    feat = torch.arange(16, dtype=torch.float32).view(1, 4, 2, 2) ** 1.5
+    # GroupNorm(gcd(32, 4) = 4 groups) normalises each channel over its 4 values
+    mean = feat.mean(dim=(2, 3), keepdim=True)
+    var = feat.var(dim=(2, 3), unbiased=False, keepdim=True)
+    normed = (feat - mean) / torch.sqrt(var + 1e-5)
+    # zero-initialised modulation: identity, F_hat = Norm(F), for any t
+    for t in (0, 7):
+        torch.testing.assert_close(disc.modulate([feat], torch.tensor([t]))[0], normed)
+    # by hand: gamma_0 = SiLU(emb)[0] (= SiLU(cos t)), gamma/beta biases set per channel
+    lin = disc.modulations[0].emb_layers[1]
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0] = 1.0
+        lin.bias.copy_(torch.tensor([0.0, 0.5, -1.0, 0.0, 0.25, 0.0, 0.0, -2.0]))
+    t = 3
+    # sinusoidal embedding of width 4: [cos(t), cos(t/100), sin(t), sin(t/100)]
+    silu = lambda x: x / (1 + math.exp(-x))  # noqa: E731
+    gamma = torch.tensor([silu(math.cos(t)), 0.5, -1.0, 0.0]).view(1, 4, 1, 1)
+    beta = torch.tensor([0.25, 0.0, 0.0, -2.0]).view(1, 4, 1, 1)
+    f_hat = disc.modulate([feat], torch.tensor([t]))[0]
+    torch.testing.assert_close(f_hat, normed * (1 + gamma) + beta)
+    assert not torch.allclose(disc.modulate([feat], torch.tensor([0]))[0], f_hat)
+
+
+def test_discriminator_shapes_time_and_spectral_norm():
+    unet = _tiny_unet()
+    chans = feature_channels_for(unet, LEVELS)
+    assert chans == [32, 64, 64]
+    gen = torch.Generator().manual_seed(0)
+    x, lq = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 16, 16, generator=gen)
+    skips, middle, _ = unet.encode(x, torch.tensor([0, 0]), lq=lq)
+    assert feature_channels_for(unet, range(4)) == [s.shape[1] for s in skips] + [middle.shape[1]]
+
+    disc = TimeAwareDiscriminator(chans, time_embed_dim=32, hidden=16, logit_channels=2)
+    with torch.no_grad():  # leave the zero init so time and features reach the logits
+        for mod, head in zip(disc.modulations, disc.heads):
+            nn.init.normal_(mod.emb_layers[1].weight, std=0.5)
+            nn.init.normal_(head.conv.weight, std=0.05)
+    outs = {}
+    for t in (0, 3):
+        tt = torch.full((2,), t)
+        feats = teacher_features(unet, x, tt, lq, LEVELS)
+        assert [f.shape[1:] for f in feats] == [(32, 16, 16), (64, 8, 8), (64, 8, 8)]
+        outs[t] = disc(feats, tt)
+        assert [o.shape for o in outs[t]] == [(2, 2 * 256), (2, 2 * 64), (2, 2 * 64)]
+    assert all(not torch.allclose(a, b) for a, b in zip(outs[0], outs[3]))
+
+    convs = [m for m in disc.heads.modules() if isinstance(m, nn.Conv1d)]
+    assert len(convs) == 3 * len(chans)
+    for conv in convs:
+        assert parametrize.is_parametrized(conv, "weight")
+        assert type(conv.parametrizations.weight[0]).__name__ == "_SpectralNorm"
+    conv = disc.heads[0].cls
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(100.0)
+    for _ in range(50):  # power iteration runs on each access in train mode
+        _ = conv.weight
+    sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2).item()
+    assert 0.99 < sigma < 1.05
+
+    with pytest.raises(ValueError, match="4 input blocks"):
+        feature_channels_for(unet)  # official (3, 6, 9, 11) do not fit the tiny UNet
+    with pytest.raises(ValueError, match="distinct"):
+        validate_levels(unet, (1, 1))
+    with pytest.raises(ValueError, match="C_k"):
+        disc([f[:, :8] for f in feats], 0)
+    with pytest.raises(ValueError, match="feature_channels"):
+        TimeAwareDiscriminator([])
+
+
+def test_generator_and_discriminator_steps_route_gradients():
+    """Generator step under frozen(disc): the student gets gradients through the frozen
+    teacher encoder, the discriminator none; the discriminator step updates only it."""
+    unet = _tiny_unet()
+    diffusion = ResShiftDiffusion(ScheduleConfig(steps=4, min_noise_level=0.2))
+    torch.manual_seed(2)
+    student = nn.Conv2d(3, 3, 3, padding=1)
+    disc = TimeAwareDiscriminator(feature_channels_for(unet, LEVELS), time_embed_dim=32, hidden=16)
+    gen = torch.Generator().manual_seed(4)
+    z_T, z_y, z0_gt, lq, noise = (torch.randn(2, 3, 16, 16, generator=gen) for _ in range(5))
+    t = torch.tensor([1, 3])
+
+    def logits(z0):
+        z_t = diffusion.q_sample(z0, z_y, t, noise)
+        feats = teacher_features(unet, diffusion.normalize_input(z_t, t), t, lq, LEVELS)
+        return disc(feats, t)
+
+    # at init (zero 3x3 convs) the logits do not depend on the features (eval: no power
+    # iteration of the spectral norm between the two calls)
+    disc.eval()
+    with torch.no_grad():
+        a, b = logits(z0_gt), logits(z_y)
+    disc.train()
+    assert all(torch.allclose(x, y) for x, y in zip(a, b))
+
+    # discriminator step: fake from the detached student output, real under no_grad
+    z0_stu = student(z_T)
+    with torch.no_grad():
+        real = logits(z0_gt)
+    d_hinge_loss(logits(z0_stu.detach()), real).backward()
+    assert student.weight.grad is None
+    assert disc.heads[0].conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # one plain SGD step makes the heads feature-dependent
+        for p in disc.parameters():
+            p -= 0.1 * p.grad
+    disc.zero_grad(set_to_none=True)
+
+    # generator step: adversarial + HSD (teacher = the same frozen UNet as denoiser)
+    z0_stu = student(z_T)
+    with frozen(disc):
+        loss = g_adv_loss(logits(z0_stu))
+        loss = loss + hsd_loss(
+            z0_stu, z0_gt, z_y, lambda x, tt: unet(x, tt, lq=lq), diffusion, 0, noise
+        )
+    loss.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.requires_grad for p in disc.parameters())  # frozen() restored them
+    assert all(p.grad is None for p in unet.parameters())
+    assert student.weight.grad is not None and torch.isfinite(student.weight.grad).all()
+
+    # the adversarial part alone reaches the student only through the teacher encoder
+    student.zero_grad(set_to_none=True)
+    with frozen(disc):
+        g_adv_loss(logits(student(z_T))).backward()
+    assert student.weight.grad.abs().sum() > 0
