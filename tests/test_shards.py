@@ -61,7 +61,7 @@ def read_tar(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shards(photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    run_job(photos, out, "shard_size=8")
+    run_job(photos, out, "shard_size=8", "shuffle=false")  # image order: predictable keys
     return out
 
 
@@ -109,6 +109,18 @@ def test_shards_are_cut_into_shard_size_groups(shards):
     assert counts == [8] * 6  # 48 crops
     keys = [k for s in manifest["shards"] for k in _keys(shards / s["name"])]
     assert len(set(keys)) == 48 and keys[:2] == ["astronaut_0000", "astronaut_0001"]
+
+
+def test_default_plan_mixes_every_image_across_shards(photos, shards, tmp_path):
+    run_job(photos, tmp_path / "mixed", "shard_size=8")
+    manifest = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    per_shard = [_keys(tmp_path / "mixed" / s["name"]) for s in manifest["shards"]]
+    ordered = json.loads((shards / "manifest.json").read_text())["shards"]
+    assert sorted(k for keys in per_shard for k in keys) == sorted(
+        k for s in ordered for k in _keys(shards / s["name"])
+    )
+    images_per_shard = [len({k.rsplit("_", 1)[0] for k in keys}) for keys in per_shard]
+    assert min(images_per_shard) >= 2  # no shard holds a single photo's crops
 
 
 def _keys(path: Path) -> list[str]:

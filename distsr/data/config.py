@@ -179,6 +179,7 @@ class ShardsConfig:
     random_crops: int = 8
     min_size: int = 0
     shard_size: int = 1000
+    shuffle: bool = True  # spread each image's crops over all shards (seeded); false = image order
     seed: int = 0
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))

@@ -162,6 +162,9 @@ def plan_crops(cfg: ShardsConfig) -> Plan:
         plan.images += 1
     if plan.too_small:
         log.info("skipped %d image(s) smaller than %d px", len(plan.too_small), min_side)
+    if cfg.shuffle:  # mix every image's crops across all shards (seeded, so resumable)
+        order = np.random.default_rng(stable_seed(cfg.seed, "shuffle")).permutation(len(plan.crops))
+        plan.crops = [plan.crops[i] for i in order]
     return plan
 
 
@@ -259,21 +262,26 @@ def cut_crops(path: str, crops: list[Crop], size: int) -> list[np.ndarray]:
 
 
 def write_shard(cfg: ShardsConfig, path: Path, crops: list[Crop]) -> dict:
-    """Write one shard atomically; an image that fails to decode loses its crops (reported)."""
-    count, bad = 0, []
+    """Write one shard atomically, in the planned order; each image is decoded once (its crops are
+    cut, then written where the plan puts them). An image that fails to decode loses its crops
+    (reported)."""
+    gts, bad = {}, []
+    for image, group in itertools.groupby(sorted(crops, key=lambda c: c.image), lambda c: c.image):
+        group = list(group)
+        try:
+            gts.update(zip((c.key for c in group), cut_crops(image, group, cfg.crop_size)))
+        except Exception as err:  # any decoder error: report the file and go on
+            bad.append({"path": image, "error": f"{type(err).__name__}: {err}"})
+    count = 0
     with AtomicTarWriter(path) as sink:
-        for image, group in itertools.groupby(crops, key=lambda c: c.image):
-            group = list(group)
-            try:
-                gts = cut_crops(image, group, cfg.crop_size)
-            except Exception as err:  # any decoder error: report the file and go on
-                bad.append({"path": image, "error": f"{type(err).__name__}: {err}"})
+        for crop in crops:
+            if crop.key not in gts:
                 continue
-            for crop, gt in zip(group, gts):
-                lq, meta = degrade(gt, cfg.degradation, seed=stable_seed(cfg.seed, crop.key))
-                meta["crop"] = {"image": Path(image).name, "top": crop.top, "left": crop.left}
-                sink.write(encode_sample(crop.key, gt, lq, meta))
-                count += 1
+            gt = gts.pop(crop.key)
+            lq, meta = degrade(gt, cfg.degradation, seed=stable_seed(cfg.seed, crop.key))
+            meta["crop"] = {"image": Path(crop.image).name, "top": crop.top, "left": crop.left}
+            sink.write(encode_sample(crop.key, gt, lq, meta))
+            count += 1
     return {"name": path.name, "samples": count, "bad": bad}
 
 
