@@ -7,6 +7,7 @@ import importlib
 
 RECIPES: dict[str, str] = {
     "resshift": "distsr.recipes.resshift:ResShiftRecipe",
+    "tadsr": "distsr.recipes.tadsr:TadsrRecipe",
 }
 
 

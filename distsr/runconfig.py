@@ -75,9 +75,22 @@ def _absolute(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
+PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir")  # local files named in ``method``
+
+
+def _absolute_method_paths(node):
+    if isinstance(node, dict):
+        return {
+            k: _absolute(v) if k in PATH_KEYS and isinstance(v, str) else _absolute_method_paths(v)
+            for k, v in node.items()
+        }
+    return node
+
+
 def absolutize_paths(cfg: RunConfig) -> RunConfig:
     cfg.output_dir = _absolute(cfg.output_dir)
     cfg.data.shards = [_absolute(s) for s in cfg.data.shards]
+    cfg.method = _absolute_method_paths(cfg.method)
     return cfg
 
 

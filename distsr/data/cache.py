@@ -176,7 +176,9 @@ def write_cache_shard(
     url: str, path: Path, targets_fn: TargetsFn, *, batch_size: int, scale: int
 ) -> dict:
     """Run ``targets_fn`` over every decodable sample of input shard ``url`` (in order, in
-    batches) and write cache shard ``path`` atomically. Returns the manifest entry."""
+    batches) and write cache shard ``path`` atomically. Returns the manifest entry. Corrupt
+    samples are skipped and counted, as the joined reader skips them; a shard without any
+    readable sample raises (it may be a transient read error, so it is not cached empty)."""
     counter = SkipCounter()
     samples, gt_hw, latent = 0, None, None
     with CacheShardWriter(path) as sink:
@@ -186,6 +188,8 @@ def write_cache_shard(
                 sink.write(encode_cache_sample(key, fields, i))
             samples += len(batch["__key__"])
             gt_hw, latent = list(batch["gt"].shape[-2:]), list(fields["z0"].shape[1:])
+        if samples == 0:  # raising discards the temp file: the job retries, then reports it
+            raise ValueError(f"input shard {url} has no readable sample ({counter.total} errors)")
     return {"samples": samples, "skipped": counter.total, "input": url, "gt_size": gt_hw,
             "latent_shape": latent}  # fmt: skip
 

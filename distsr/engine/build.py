@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import deepspeed
 import torch
 from torch import nn
@@ -21,8 +23,13 @@ def build_optimizer(module: nn.Module, cfg: EngineConfig) -> torch.optim.Optimiz
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def build_engine(module: nn.Module, cfg: EngineConfig, micro_batch: int, ctx: DistContext):
-    """A DeepSpeed engine around ``module``; the LR schedule steps with the engine."""
+def build_engine(
+    module: nn.Module, cfg: EngineConfig, micro_batch: int, ctx: DistContext, overrides=None
+):
+    """A DeepSpeed engine around ``module``; the LR schedule steps with the engine.
+    ``overrides`` changes optimizer fields for this engine only (e.g. a discriminator's lr)."""
+    if overrides:
+        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **overrides))
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     module = module.to(ctx.device)
     optimizer = build_optimizer(module, cfg)

@@ -35,8 +35,9 @@ class Trainer:
         seed_everything(cfg.seed + 1000 * ctx.rank)
         dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
         self.recipe = get_recipe(cfg.recipe)(method_config(cfg), device=ctx.device, dtype=dtype)
+        overrides = self.recipe.optimizer_overrides()
         self.engines = {
-            name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx)
+            name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx, overrides.get(name))
             for name, module in self.recipe.trainable().items()
         }
         self.recipe.bind(self.engines)

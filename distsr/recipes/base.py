@@ -45,12 +45,23 @@ class Recipe:
         """Names of trainable modules whose weights get an EMA copy (when the engine has one)."""
         return []
 
+    def optimizer_overrides(self) -> dict[str, dict]:
+        """Per-engine changes of the optimizer config, e.g. ``{"disc": {"lr": 1e-4}}``."""
+        return {}
+
     def bind(self, engines: dict[str, Callable]) -> None:
         """Receive the engine-wrapped modules; ``training_step`` calls these."""
         self.nets.update(engines)
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         raise NotImplementedError
+
+    def plain(self, name: str) -> nn.Module:
+        """The module behind engine ``name``, for forwards whose loss another engine owns (e.g.
+        the frozen discriminator in the generator step): an engine's own forward registers
+        backward hooks that would treat that loss as its own."""
+        net = self.nets[name]
+        return getattr(net, "module", net)
 
     def make_loader(self, data_cfg, **kwargs):
         """The training stream (kwargs: rank, world_size, steps, seed, start_step)."""

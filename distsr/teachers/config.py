@@ -1,0 +1,45 @@
+"""Config of the teacher-caching job (``jobs/cache_teacher.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distsr.teachers.resshift import TeacherConfig
+
+
+@dataclass
+class CacheJobConfig:
+    """Run ``teacher`` over every input shard once and store its outputs under
+    ``output/<teacher fingerprint>/`` (one cache shard per input shard, same name).
+
+    One Ray task per shard on a pool of ``num_actors`` actors, each holding the teacher (one GPU
+    per actor with ``use_gpu``). ``seed`` seeds each sample's noise (``stable_seed(seed, key)``);
+    a failed shard is tried ``retries`` more times before the job reports it.
+    """
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns of .tar files
+    output: str = ""  # cache root
+    batch_size: int = 16  # samples per teacher call
+    num_actors: int = 1
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    seed: int = 0
+    retries: int = 2
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.shards:
+            problems.append(("shards", "needs the input shards (folders, globs or files)"))
+        if not self.output:
+            problems.append(("output", "needs the cache root folder"))
+        for key in ("batch_size", "num_actors"):
+            if getattr(self, key) < 1:
+                problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        if self.cpus_per_actor <= 0:
+            problems.append(("cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}"))
+        if self.retries < 0:
+            problems.append(("retries", f"must be >= 0, got {self.retries}"))
+        if self.seed < 0:
+            problems.append(("seed", f"must be >= 0, got {self.seed}"))
+        return problems
