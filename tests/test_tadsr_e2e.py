@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from distsr.launch import run
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.runconfig import load_run_config
-from tests.conftest import tiny_overrides
+from tests.conftest import load_job, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def test_live_teacher_trains_student_and_discriminator_and_resumes_both(
     assert (ckpt / "disc").is_dir() and (ckpt / "student").is_dir()  # the discriminator is saved
     second = run(tadsr_cfg(tmp_path, tiny_shards, teacher_weights, *base, "engine.max_steps=4"))
     assert second["step"] == 4
-    records = [json.loads(x) for x in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss/disc", "loss/student"))
@@ -58,3 +59,42 @@ def test_live_teacher_trains_student_and_discriminator_and_resumes_both(
     from safetensors.torch import load_file
 
     student.load_state_dict(load_file(tmp_path / "live" / "export" / "student.safetensors"))
+
+
+def test_cached_teacher_trains_on_two_ray_workers_with_zero2(
+    ray_cluster, tiny_shards, teacher_weights, tmp_path
+):
+    """The README path: cache the teacher once (Ray actors), then distil from the cache."""
+    summary = load_job("cache_teacher").main(
+        ["configs/cache_resshift_tiny.yaml", f"teacher.unet_checkpoint={teacher_weights}",
+         f"shards=[{tiny_shards}]", f"output={tmp_path / 'cache'}", "num_actors=2"]
+    )  # fmt: skip
+    assert not summary["failed"]
+    cfg = load_run_config(
+        "tadsr_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=cached",
+            f"method.teacher.unet_checkpoint={teacher_weights}",
+            f"method.cache_dir={summary['cache_dir']}", "engine.zero_stage=2", "engine.max_steps=4",
+            "engine.log_every=2", "engine.checkpoint.every_steps=4",
+        ),
+    )  # fmt: skip
+    final = run(cfg)
+    assert final["step"] == 4 and final["skipped_samples"] == 0
+    saved = cfg.run_dir / "step_00000004"
+    assert (saved / "disc").is_dir() and (saved / "student").is_dir()
+
+
+def test_cache_of_another_teacher_is_refused_naming_the_difference(
+    ray_cluster, tiny_shards, teacher_weights, tmp_path
+):
+    summary = load_job("cache_teacher").main(
+        ["configs/cache_resshift_tiny.yaml", f"teacher.unet_checkpoint={teacher_weights}",
+         f"shards=[{tiny_shards}]", f"output={tmp_path / 'cache'}", "num_actors=1",
+         "teacher.sampler=stochastic"]
+    )  # fmt: skip
+    cfg = tadsr_cfg(
+        tmp_path, tiny_shards, teacher_weights, f"method.cache_dir={summary['cache_dir']}"
+    )
+    with pytest.raises(ValueError, match="sampler"):
+        run(cfg)
