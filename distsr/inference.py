@@ -1,0 +1,269 @@
+"""Super-resolution predictors: ``fn(lq [B,3,h,w] in [0,1]) -> sr [B,3,h*scale,w*scale] in [0,1]``.
+
+* :class:`Bicubic`: the baseline every table carries.
+* :class:`ResShiftOneStep`: a one-step student of ResShift (Yue et al., NeurIPS 2023): one UNet
+  call at the last step from the prior, z_{T-1} = z_y + kappa sqrt(eta_{T-1}) eps, then decode.
+* :class:`ResShiftMultiStep`: the full T-step sampler (the teacher column of a report).
+* :func:`load_predictor`: either one from a run folder (``config.yaml`` + ``export/``).
+
+The lq -> (z_y, UNet condition) path mirrors ``distsr.recipes.resshift`` exactly (lq in [-1, 1],
+bicubic x scale, encode; the UNet sees lq itself when the latent has lq's size, else the
+upsampled lq), and the official ``ResShiftSampler``: lq is reflect-padded on the bottom/right to
+a multiple the UNet's windows need and the result is cropped back, clamped and mapped to [0, 1].
+
+The latent noise is drawn for the *unpadded* image from a fresh generator seeded with ``seed``
+on every call (a result depends on the image, its place in the batch and the seed) and is
+reflect-padded like lq. A caller may pass ``noise=`` instead: tiled upscaling hands every tile
+its crop of one full-image noise map (:meth:`ResShiftOneStep.draw_noise`), so tiles agree
+where they overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distsr.diffusion.resshift import ResShiftDiffusion
+from distsr.models.autoencoder import PixelAutoencoder, build_autoencoder
+from distsr.models.checkpoint import load_official_state_dict
+from distsr.models.resshift_unet import UNetModelSwin
+from distsr.models.swin import SwinTransformerBlock
+
+
+class Bicubic:
+    """Bicubic upscaling (``F.interpolate``, align_corners=False), clamped to [0, 1]."""
+
+    steps = 0
+    num_params = 0
+
+    def __init__(self, scale: int):
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        self.scale = int(scale)
+
+    def __call__(self, lq: torch.Tensor) -> torch.Tensor:
+        sr = F.interpolate(lq.float(), scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return sr.clamp(0, 1)
+
+
+def latent_factor(autoencoder: torch.nn.Module) -> int:
+    """Spatial downsampling of the first stage: 1 for the pixel autoencoder, 4 for VQ-f4."""
+    return 1 if isinstance(autoencoder, PixelAutoencoder) else 4
+
+
+def window_multiple(unet: UNetModelSwin) -> int:
+    """Latent size multiple the UNet needs: every Swin window at the deepest level (README §2,
+    official padding_offset = lq_size = 64 = window 8 x 2^3 for the released x4 model)."""
+    windows = [m.window_size for m in unet.modules() if isinstance(m, SwinTransformerBlock)]
+    return math.lcm(*windows, 1) * 2 ** (len(unet.num_res_blocks) - 1)
+
+
+def pad_bottom_right(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Reflect padding as the official sampler (replicate when the image is too small)."""
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class ResShiftOneStep:
+    """One-step ResShift student: x0 = f(normalize_input(z_{T-1}), T-1, lq), decoded."""
+
+    steps = 1
+
+    def __init__(self, unet, autoencoder, diffusion: ResShiftDiffusion, scale: int, seed: int = 0):
+        self.unet = unet.eval().requires_grad_(False)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.diffusion, self.scale, self.seed = diffusion, int(scale), int(seed)
+        self.factor = latent_factor(autoencoder)
+        lat = window_multiple(unet)  # lq multiple m: m * scale / factor divisible by lat
+        self.multiple = lat * self.factor // math.gcd(lat * self.factor, self.scale)
+        self.latent_channels = unet.out[-1].out_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def num_params(self) -> int:
+        modules = (self.unet, self.autoencoder)
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    def latent_size(self, h: int, w: int) -> tuple[int, int]:
+        if (h * self.scale) % self.factor or (w * self.scale) % self.factor:
+            step = self.factor // math.gcd(self.factor, self.scale)
+            raise ValueError(
+                f"lq {h}x{w} x{self.scale} is not divisible by the autoencoder's factor "
+                f"{self.factor}; crop lq to a multiple of {step}"
+            )
+        return h * self.scale // self.factor, w * self.scale // self.factor
+
+    def draw_noise(self, lq: torch.Tensor) -> torch.Tensor:
+        """Latent eps for the unpadded ``lq`` from a fresh CPU generator seeded with ``seed``."""
+        shape = (lq.shape[0], self.latent_channels, *self.latent_size(*lq.shape[-2:]))
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=generator)
+
+    @torch.no_grad()
+    def prepare(self, lq: torch.Tensor, noise: torch.Tensor | None):
+        """(z_y, UNet condition, padded noise, (h, w)) as ``ResShiftRecipe.latents`` makes them."""
+        if lq.ndim != 4 or lq.shape[1] != 3:
+            raise ValueError(f"lq must be [B, 3, h, w], got {tuple(lq.shape)}")
+        h, w = lq.shape[-2:]
+        noise = self.draw_noise(lq) if noise is None else noise
+        expected = (lq.shape[0], self.latent_channels, *self.latent_size(h, w))
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
+        ph, pw = (-h) % self.multiple, (-w) % self.multiple
+        y = pad_bottom_right(lq.to(self.device, torch.float32) * 2 - 1, ph, pw)
+        noise = noise.to(self.device, torch.float32)
+        noise = pad_bottom_right(noise, *self.latent_size(ph, pw))
+        y_up = F.interpolate(y, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        z_y = self.autoencoder.encode(y_up)
+        cond = y if z_y.shape[-2:] == y.shape[-2:] else y_up
+        return z_y, cond, noise, (h, w)
+
+    def denoise_fn(self, cond: torch.Tensor):
+        return lambda x, t: self.unet(x, t, lq=cond)
+
+    def finish(self, z0: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        sr = self.autoencoder.decode(z0)[..., : hw[0] * self.scale, : hw[1] * self.scale]
+        return (sr.clamp(-1, 1) + 1) / 2
+
+    @torch.no_grad()
+    def __call__(self, lq: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        z_y, cond, noise, hw = self.prepare(lq, noise)
+        z_t = self.diffusion.prior_sample(z_y, noise)
+        t = self.diffusion.num_timesteps - 1
+        return self.finish(self.diffusion.denoise(self.denoise_fn(cond), z_t, t), hw)
+
+
+class ResShiftMultiStep(ResShiftOneStep):
+    """The full ResShift chain over all T steps: ``"stochastic"`` (the official sampler) or
+    ``"deterministic"`` (SinSR's ODE-like chain). Prior noise as :class:`ResShiftOneStep`; the
+    per-step noise of the stochastic sampler comes from a generator seeded with ``seed + 1``."""
+
+    def __init__(self, unet, autoencoder, diffusion, scale, seed=0, sampler="stochastic"):
+        super().__init__(unet, autoencoder, diffusion, scale, seed)
+        if sampler not in ("stochastic", "deterministic"):
+            raise ValueError(f"sampler must be 'stochastic' or 'deterministic', got {sampler!r}")
+        self.sampler = sampler
+        self.steps = diffusion.num_timesteps
+
+    @torch.no_grad()
+    def __call__(self, lq: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        z_y, cond, noise, hw = self.prepare(lq, noise)
+        fn = self.denoise_fn(cond)
+        if self.sampler == "deterministic":
+            z0 = self.diffusion.sample_deterministic(fn, z_y, noise_prior=noise)
+        else:
+            steps = self._step_noises(z_y)
+            z0 = self.diffusion.sample_stochastic(fn, z_y, noise_prior=noise, step_noises=steps)
+        return self.finish(z0, hw)
+
+    def _step_noises(self, z_y: torch.Tensor) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        draws = [torch.randn(z_y.shape, generator=generator) for _ in range(self.steps)]
+        return [d.to(z_y.device) for d in draws]
+
+
+# ---------------------------------------------------------------- loading from a run folder
+
+
+STUDENT_ENGINES = ("student", "unet")  # distillation recipes, then ResShift teacher training
+
+
+def _exported(run_dir: Path, which: str, engine: str | None) -> Path:
+    """export/<engine>[_ema].safetensors of a run; ``engine=None`` takes the first of
+    STUDENT_ENGINES that was exported."""
+    engines = [engine] if engine else list(STUDENT_ENGINES)
+    names = [f"{e}_ema" if which == "ema" else e for e in engines]
+    files = [run_dir / "export" / f"{name}.safetensors" for name in names]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        hint = " (was the run trained with engine.ema_decay? try --raw)" if which == "ema" else ""
+        raise FileNotFoundError(
+            f"no exported weights in the run folder: {' or '.join(map(str, files))}{hint}"
+        )
+    return found
+
+
+def _locate(path: Path, which: str, config, engine: str | None) -> tuple[Path, Path]:
+    """(weights file, config.yaml) of a run folder or of a weights file (+ ``config``)."""
+    if which not in ("ema", "raw"):
+        raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
+    if path.is_dir():
+        run_dir, weights = path, _exported(path, which, engine)
+    elif path.is_file():
+        weights = path
+        run_dir = path.parent.parent if path.parent.name == "export" else path.parent
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {path} (a run folder or a weights file)")
+    cfg_path = Path(config) if config is not None else run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"run config not found: {cfg_path} (pass --config with the run's config.yaml)"
+        )
+    return weights, cfg_path
+
+
+def resshift_section(method, source):
+    """The part of a recipe config describing the ResShift network: the config itself
+    (``resshift``) or its ``teacher`` (distillation recipes, whose student copies the teacher)."""
+    fields = ("unet", "schedule", "autoencoder", "scale")
+    for section in (method, getattr(method, "teacher", None)):
+        if section is not None and all(hasattr(section, k) for k in fields):
+            return section
+    raise ValueError(f"{source}: the recipe config has no ResShift UNet ({', '.join(fields)})")
+
+
+def load_unet(
+    run_dir_or_weights: str | Path,
+    which: str = "ema",
+    *,
+    config: str | Path | None = None,
+    engine: str | None = None,
+):
+    """(UNet strictly loaded on the CPU, its ResShift config section, config path) from a run
+    folder (``config.yaml`` + ``export/<engine>[_ema].safetensors``; engine default: the
+    student, else ``unet``) or from a weights file (official ``.pth`` or exported
+    ``.safetensors``) plus ``config``. ``unet_checkpoint`` of the config is not read."""
+    from distsr.runconfig import load_run_config, method_config
+
+    weights, cfg_path = _locate(Path(run_dir_or_weights).expanduser(), which, config, engine)
+    cfg = load_run_config(str(cfg_path))
+    section = resshift_section(method_config(cfg), cfg_path)
+    unet = UNetModelSwin(**section.unet)
+    load_official_state_dict(weights, unet, model_name=f"the UNet of {cfg_path}")
+    return unet.eval(), section, cfg_path
+
+
+def load_predictor(
+    run_dir_or_weights: str | Path,
+    which: str = "ema",
+    steps: str = "one",
+    *,
+    config: str | Path | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    sampler: str = "stochastic",
+    engine: str | None = None,
+) -> ResShiftOneStep:
+    """A ResShift predictor (see :func:`load_unet` for where the weights come from).
+
+    ``steps="one"`` gives the one-step student, ``"all"`` the full T-step sampler
+    (``sampler`` "stochastic" or "deterministic"). ``which``: "ema" or "raw" weights.
+    """
+    if steps not in ("one", "all"):
+        raise ValueError(f"steps must be 'one' or 'all', got {steps!r}")
+    unet, method, _ = load_unet(run_dir_or_weights, which, config=config, engine=engine)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autoencoder = build_autoencoder(method.autoencoder).to(device)
+    diffusion = ResShiftDiffusion(method.schedule)
+    unet = unet.to(device)
+    if steps == "one":
+        return ResShiftOneStep(unet, autoencoder, diffusion, method.scale, seed)
+    return ResShiftMultiStep(unet, autoencoder, diffusion, method.scale, seed, sampler)

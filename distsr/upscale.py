@@ -1,0 +1,188 @@
+"""Upscale images with a one-step student, or export it in the official ResShift format.
+
+    python -m distsr.upscale --checkpoint RUN_DIR INPUT OUTPUT [--tile 256 --overlap 32]
+    python -m distsr.upscale --checkpoint WEIGHTS.safetensors --config RUN/config.yaml IN OUT
+    python -m distsr.upscale export --checkpoint RUN_DIR OUT.pth [--raw]
+
+INPUT is an image or a folder of images; OUTPUT is an image path (single input) or a folder
+(``<stem>.png`` per input). Large images are upscaled in overlapping tiles of ``--tile`` lq
+pixels (see ``distsr.tiling``). Unreadable inputs are reported and skipped; the exit status is 1
+when any input was skipped.
+
+``export`` writes the student UNet as a plain state_dict (every key of the official
+``UNetModelSwin``, buffers included, float32) with ``torch.save``: the official loader
+(``sampler.BaseSampler.load_model`` -> ``utils/util_net.reload_model``) reads it as is. Next to it,
+``OUT.yaml`` holds the official ``model`` and ``diffusion`` config sections that fit the weights.
+Note: the official sampler runs the chain of the ``diffusion`` section (``steps``); a one-step
+student is meant to be run with one step from the prior, as ``distsr.inference`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from distsr.imageio import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    read_image,
+    to_tensor,
+    to_uint8,
+    write_image,
+)
+from distsr.inference import load_predictor, load_unet
+from distsr.tiling import RAMPS, upscale_tiled
+
+
+def output_paths(inputs: list[Path], input_arg: Path, output: Path) -> list[Path]:
+    """One output per input: OUTPUT itself for a single image file with an image suffix,
+    else ``OUTPUT/<stem>.png``."""
+    if input_arg.is_file() and output.suffix.lower() in IMAGE_EXTENSIONS:
+        return [output]
+    return [output / f"{p.stem}.png" for p in inputs]
+
+
+def upscale_images(predictor, pairs, tile: int, overlap: int, ramp: str) -> list[tuple]:
+    """Upscale every (input, output) pair; returns (path, error) of the skipped inputs."""
+    skipped = []
+    tiles = tqdm(desc="tiles", leave=False, unit="tile")
+    for src, dst in tqdm(pairs, desc="upscale", unit="img"):
+        try:
+            lq = to_tensor(read_image(src))
+        except ValueError as err:
+            tqdm.write(f"skipped {src}: {err}", file=sys.stderr)
+            skipped.append((src, str(err)))
+            continue
+        sr = upscale_tiled(predictor, lq, predictor.scale, tile, overlap, ramp, progress=tiles)
+        write_image(dst, to_uint8(sr))
+    tiles.close()
+    return skipped
+
+
+def official_config(method, out: Path) -> dict:
+    """The official ``model`` / ``diffusion`` (and ``autoencoder``) sections for the export."""
+    s = method.schedule
+    diffusion = {
+        "sf": method.scale,
+        "schedule_name": s.kind,
+        "schedule_kwargs": {"power": s.power},
+        "etas_end": s.etas_end,
+        "steps": s.steps,
+        "min_noise_level": s.min_noise_level,
+        "kappa": s.kappa,
+        "weighted_mse": False,
+        "predict_type": "xstart",
+        "timestep_respacing": None,
+        "scale_factor": 1.0,
+        "normalize_input": True,
+        "latent_flag": True,
+    }
+    sections = {
+        "model": {
+            "target": "models.unet.UNetModelSwin",
+            "ckpt_path": str(out),
+            "params": method.unet,
+        },
+        "diffusion": {
+            "target": "models.script_util.create_gaussian_diffusion",
+            "params": diffusion,
+        },
+    }
+    if method.autoencoder.kind == "vq_f4":
+        sections["autoencoder"] = {"ckpt_path": method.autoencoder.checkpoint}
+    return sections
+
+
+def export_official(checkpoint, out, which: str = "ema", config=None) -> Path:
+    """Write the student UNet as an official ResShift checkpoint (+ ``OUT.yaml``); returns OUT."""
+    out = Path(out)
+    if out.suffix not in (".pth", ".pt", ".ckpt"):
+        raise ValueError(f"export writes a torch checkpoint: OUT must end in .pth, got {out}")
+    unet, method, _ = load_unet(checkpoint, which, config=config)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+             for k, v in unet.state_dict().items()}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    sidecar = out.with_suffix(".yaml")
+    sidecar.write_text(yaml.safe_dump(official_config(method, out), sort_keys=False))
+    return out
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run folder or weights file")
+    parser.add_argument("--config", help="run config.yaml (default: the run folder's)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--ema", dest="which", action="store_const", const="ema", default="ema",
+                       help="EMA weights (default)")  # fmt: skip
+    group.add_argument("--raw", dest="which", action="store_const", const="raw",
+                       help="raw (non-EMA) weights")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distsr.upscale",
+        description="Upscale an image or a folder with a one-step student "
+        "(or: python -m distsr.upscale export --checkpoint RUN OUT.pth)",
+    )
+    _common(parser)
+    parser.add_argument("input", help="image file or folder")
+    parser.add_argument("output", help="output image (single input) or folder")
+    parser.add_argument("--tile", type=int, default=256, help="tile size in lq pixels")
+    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in lq pixels")
+    parser.add_argument("--ramp", choices=RAMPS, default="cosine", help="overlap blend weights")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distsr.upscale export",
+        description="Export the student UNet in the official ResShift checkpoint format",
+    )
+    _common(parser)
+    parser.add_argument("out", help="output .pth")
+    args = parser.parse_args(argv)
+    out = export_official(args.checkpoint, args.out, args.which, args.config)
+    print(f"wrote {out} and {out.with_suffix('.yaml')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "export":
+            return export_main(argv[1:])
+        return upscale_main(argv)
+    except (FileNotFoundError, ValueError) as err:  # user mistakes: one clear line, no trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def upscale_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tile < 1 or not 0 <= args.overlap < args.tile:
+        parser.error(
+            f"need --tile >= 1 and 0 <= --overlap < --tile, got {args.tile}/{args.overlap}"
+        )
+    inputs = list_images(args.input)
+    pairs = list(zip(inputs, output_paths(inputs, Path(args.input), Path(args.output))))
+    predictor = load_predictor(
+        args.checkpoint, args.which, "one", config=args.config, device=args.device, seed=args.seed
+    )
+    skipped = upscale_images(predictor, pairs, args.tile, args.overlap, args.ramp)
+    print(f"wrote {len(pairs) - len(skipped)} image(s); skipped {len(skipped)} unreadable")
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
