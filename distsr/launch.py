@@ -84,6 +84,10 @@ def run(cfg: RunConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.config == "demo":
+        from distsr.demo import main as demo
+
+        return demo(args.overrides)
     try:
         cfg = load_run_config(args.config, args.overrides)
         if args.dry_run:

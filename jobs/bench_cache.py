@@ -1,0 +1,111 @@
+"""Benchmark: TAD-SR student training steps per second with the teacher cache vs the live teacher.
+
+    python jobs/bench_cache.py [steps=30] [crop_size=32] [out=runs/bench_cache] [key=value ...]
+
+One run, same config, same machine: makes shards from the bundled photos, a tiny random-weight
+ResShift teacher, caches its 4-step trajectories (Ray actors), then trains the TAD-SR student
+in-process for ``steps`` steps twice — from the cache and with the live teacher — and reports
+the ratio of steps per second next to the FLOP bound (torch's flop counter on one training step,
+forward + backward, with each source). Extra ``key=value`` pairs override the TAD-SR config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling jobs
+
+import cache_teacher  # noqa: E402
+import make_shards  # noqa: E402
+
+from distsr.config import apply_overrides  # noqa: E402
+from distsr.launch import run  # noqa: E402
+from distsr.models.resshift_unet import UNetModelSwin  # noqa: E402
+from distsr.runconfig import load_run_config, method_config  # noqa: E402
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    opts = {"steps": 30, "crop_size": 32, "out": "runs/bench_cache"}
+    own = [a for a in argv if a.split("=")[0] in opts]
+    opts = apply_overrides(opts, own)
+    return opts, [a for a in argv if a not in own]
+
+
+def prepare(out: Path, crop: int) -> tuple[Path, Path, Path]:
+    shards = out / "shards"
+    if not (shards / "manifest.json").exists():
+        make_shards.main(["inputs=[bundled]", f"output={shards}", f"crop_size={crop}",
+                          f"stride={crop * 4}"])  # fmt: skip
+    weights = out / "teacher_unet.safetensors"
+    if not weights.exists():
+        torch.manual_seed(0)
+        unet = UNetModelSwin(**load_run_config("tadsr_tiny").method["teacher"]["unet"])
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(weights))
+    summary = cache_teacher.main(["configs/cache_resshift_tiny.yaml",
+                                  f"teacher.unet_checkpoint={weights}", f"shards=[{shards}]",
+                                  f"output={out / 'cache'}", "num_actors=2"])  # fmt: skip
+    return shards, weights, Path(summary["cache_dir"])
+
+
+def step_flops(cfg) -> float:
+    """FLOPs of one TAD-SR training step (all updates, forward + backward), plain PyTorch."""
+    from distsr.data.cache import make_joined_loader
+    from distsr.data.reader import make_train_loader
+    from distsr.registry import get_recipe
+
+    recipe = get_recipe("tadsr")(method_config(cfg), device=torch.device("cpu"))
+    recipe.bind({"disc": recipe.disc, "student": recipe.student})
+    kw = dict(rank=0, world_size=1, steps=1, seed=0)
+    cache_dir = cfg.method.get("cache_dir")
+    loader = make_joined_loader(cfg.data, cache_dir, **kw) if cache_dir else make_train_loader(
+        cfg.data, **kw
+    )
+    batch = next(iter(loader))
+    with FlopCounterMode(display=False) as counter:
+        for update in recipe.training_step(batch, 0):
+            update.loss.backward()
+    return float(counter.get_total_flops())
+
+
+def timed_run(cfg) -> float:
+    t0 = time.perf_counter()
+    final = run(cfg)
+    print(f"[bench] {cfg.name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
+    return 1.0 / final["step_time"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts, overrides = parse(sys.argv[1:] if argv is None else argv)
+    out = Path(opts["out"]).resolve()
+    shards, weights, cache_dir = prepare(out, opts["crop_size"])
+    base = [f"output_dir={out / 'runs'}", f"data.shards=[{shards}]", "scaling.ray=false",
+            "scaling.num_workers=1", "engine.zero_stage=0", f"engine.max_steps={opts['steps']}",
+            f"engine.log_every={opts['steps']}", "engine.checkpoint.every_steps=100000",
+            f"method.teacher.unet_checkpoint={weights}", *overrides]  # fmt: skip
+    cached = load_run_config("tadsr_tiny", [*base, "name=cached", f"method.cache_dir={cache_dir}"])
+    live = load_run_config("tadsr_tiny", [*base, "name=live", "method.cache_dir=null"])
+    result = {
+        "steps_per_s_cached": timed_run(cached),
+        "steps_per_s_live": timed_run(live),
+        "flops_per_step_cached": step_flops(cached),
+        "flops_per_step_live": step_flops(live),
+        "batch_size": cached.data.batch_size,
+        "crop_size": opts["crop_size"],
+        "teacher_steps": cached.method["teacher"]["schedule"]["steps"],
+    }
+    result["speedup"] = result["steps_per_s_cached"] / result["steps_per_s_live"]
+    result["flop_bound"] = result["flops_per_step_live"] / result["flops_per_step_cached"]
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The cluster paths on the real stack: `ray job submit` to a `ray start --head` cluster with
+token authentication, jobs/slurm.py on submitit's local executor surviving a preemption, and the
+cluster configs in cluster/."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, load_job, tiny_overrides
+
+RAY = str(Path(sys.executable).with_name("ray"))
+EXCLUDES = ["shards/", "runs/", "checkpoints/", "cache/", ".git/"]
+slurm = load_job("slurm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
+    """`ray start --head --block` with token auth; SIGTERM stops exactly this node's processes
+    (no global `ray stop`, which would also kill other Ray clusters on this machine)."""
+    token = slurm.write_token(tmp_path / "ray_token")
+    gcs, dashboard = free_port(), free_port()
+    env = slurm.ray_env(token, RAY_ADDRESS=f"127.0.0.1:{gcs}")
+    cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+           f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
+           "--disable-usage-stats"]  # fmt: skip
+    head = slurm.spawn(cmd, env, log=tmp_path / "ray_head.log")
+    try:
+        slurm.wait_for_port("127.0.0.1", dashboard, head, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}", env, gcs
+    finally:
+        slurm.stop(head, grace=60)
+    assert head.returncode is not None
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_a_token_protected_cluster(tiny_shards, tmp_path):
+    overrides = tiny_overrides(
+        tmp_path, tiny_shards, "name=submitted", "engine.max_steps=4", "engine.log_every=1",
+        "engine.checkpoint.every_steps=2",
+    )  # fmt: skip
+    with ray_head(tmp_path) as (url, env, gcs):
+        submit = [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT),
+                  "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
+                  sys.executable, "-m", "distsr.launch", "resshift_tiny", *overrides]  # fmt: skip
+        intruder = {**env, "RAY_AUTH_TOKEN": "0" * 64}  # the env token wins over the file
+        refused = subprocess.run([RAY, "job", "list", "--address", url], env=intruder,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stdout
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "succeeded" in log
+    attached = re.search(r"running on the cluster at RAY_ADDRESS=(\S+):", log)
+    assert attached and attached.group(1).endswith(f":{gcs}"), log[-4000:]  # ours, not a new one
+    run_dir = tmp_path / "submitted"
+    assert steps(run_dir)[-1] == 4
+    assert (run_dir / "step_00000004" / "client_state.pt").exists()
+
+
+def task_pid(controller: subprocess.Popen) -> int:
+    """The submitit task under the local executor's controller (where SLURM would signal)."""
+    children = Path(f"/proc/{controller.pid}/task/{controller.pid}/children")
+    pids = children.read_text().split()
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.slow
+def test_slurm_local_job_is_preempted_requeued_and_resumes(tiny_shards, tmp_path):
+    run_dir = tmp_path / "preempted"
+    overrides = tiny_overrides(
+        tmp_path, tiny_shards, "name=preempted", "engine.max_steps=10", "engine.log_every=1",
+        "engine.checkpoint.every_steps=2", "scaling.num_workers=1",
+    )  # fmt: skip
+    job = slurm.submit(["resshift_tiny", "--local", "--cpus-per-task", "4", "--time", "30",
+                        "--folder", str(tmp_path / "submitit"), "--", *overrides])  # fmt: skip
+    try:
+        wait_until(lambda: max(steps(run_dir), default=0) >= 4, 300, "step 4 (after a checkpoint)")
+        os.kill(task_pid(job._process), signal.SIGUSR2)  # submitit's preemption/timeout signal
+        wait_until(job.done, 400, "the requeued job to finish")
+    finally:
+        if not job.done():
+            job.cancel()
+    out = job.stdout()
+    assert job.result() == 0, out[-4000:]
+    assert "preempted or timed out" in out and "Requeued job" in out
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", out)
+    assert resumed and int(resumed[-1]) >= 2, out[-4000:]
+    logged = steps(run_dir)
+    assert logged[-1] == 10 and logged.count(10) == 1
+    assert (run_dir / "step_00000010" / "client_state.pt").exists()
+    assert port_is_free(slurm.RayPorts.for_job(job.job_id).gcs)  # the job's Ray is gone
+
+
+def test_job_ports_do_not_collide_and_stay_below_the_ephemeral_range():
+    blocks = [slurm.RayPorts.for_job(str(job_id)) for job_id in range(4000, 4000 + 100)]
+    assert len({p.base for p in blocks}) == 100
+    for p in blocks:
+        ports = [p.base, p.base + 1, p.base + 2]
+        ports += [int(flag.split("=")[1]) for flag in p.node_flags()]
+        assert min(ports) > 1024 and max(ports) < 32768
+        assert max(ports) < p.base + slurm.PORTS_PER_SLOT
+    assert slurm.RayPorts.for_job("123_4").base != slurm.RayPorts.for_job("124_4").base
+
+
+def test_slurm_cli_checks_before_submitting(capsys):
+    assert slurm.parse_minutes("90") == 90
+    assert slurm.parse_minutes("01:30:00") == 90
+    assert slurm.parse_minutes("1-00:00:00") == 1440
+    with pytest.raises(ValueError, match="--time"):
+        slurm.parse_minutes("soon")
+    assert slurm.main(["resshift_tiny", "--local", "--nodes", "2"]) == 2
+    assert "--nodes 1" in capsys.readouterr().err
+    assert slurm.main(["no_such_config", "--local"]) == 2
+    assert "no_such_config" in capsys.readouterr().err
+    assert slurm.main(["resshift_tiny", "--dry-run", "--", "engine.max_steps=3"]) == 0
+    assert "-m distsr.launch resshift_tiny engine.max_steps=3" in capsys.readouterr().out
+    assert slurm.main(["x", "--job", "jobs/no_such_job.py", "--local"]) == 2
+
+
+def yaml_strings(node) -> Iterator[str]:
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from yaml_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from yaml_strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def launched_configs(text: str) -> list[str]:
+    return re.findall(r"distsr\.launch\s+(\S+)", text)
+
+
+def test_ray_cluster_launcher_config():
+    cfg = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu_types = [name for name, t in types.items() if t["resources"].get("GPU", 0) > 0]
+    assert len(gpu_types) == 1 and gpu_types[0] != cfg["head_node_type"]
+    install = re.search(r"^\s+(pip install .*)$", (ROOT / "README.md").read_text(), re.M)
+    assert install and any(install.group(1) in cmd for cmd in cfg["setup_commands"])
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    assert {"runs", "shards", "checkpoints", "cache"} <= set(cfg["rsync_exclude"])
+
+
+def test_rayjob_manifest_names_an_existing_config():
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob"
+    entry = shlex.split(job["spec"]["entrypoint"])
+    assert entry[:3] == ["python", "-m", "distsr.launch"]
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert env["working_dir"] and set(EXCLUDES[:4]) <= set(env["excludes"])
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token" and cluster["rayVersion"].startswith("2.60")
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    workers = cluster["workerGroupSpecs"]
+    limits = [
+        c["resources"]["limits"] for g in workers for c in g["template"]["spec"]["containers"]
+    ]
+    assert any(int(lim.get("nvidia.com/gpu", 0)) > 0 for lim in limits)
+
+
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "rayjob.yaml"])
+def test_cluster_entrypoints_name_configs_in_configs_dir(name):
+    text = (ROOT / "cluster" / name).read_text()
+    strings = " ".join(yaml_strings(yaml.safe_load(text)))
+    named = launched_configs(strings) + launched_configs(text)  # commands and usage comments
+    assert named or name == "ray-cluster.yaml"
+    missing = sorted({n for n in named if not (ROOT / "configs" / f"{n}.yaml").exists()})
+    assert not missing, f"cluster/{name} launches configs missing from configs/: {missing}"
