@@ -75,6 +75,8 @@ def fit(cfg: RunConfig):
             storage_path=str(cfg.run_dir.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.engine.checkpoint.keep),
+            # Train V2 re-routes print() through logging, which showed every line twice
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()
