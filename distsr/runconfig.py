@@ -68,7 +68,7 @@ def load_run_config(spec: str, overrides: list[str] = ()) -> RunConfig:
     return absolutize_paths(cfg)
 
 
-def _absolute(spec: str) -> str:
+def absolute_path(spec: str) -> str:
     """Local paths are made absolute here, on the driver: Ray workers run in other folders."""
     if "://" in spec or spec.startswith("pipe:"):
         return spec
@@ -81,15 +81,17 @@ PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir")  # local files named 
 def _absolute_method_paths(node):
     if isinstance(node, dict):
         return {
-            k: _absolute(v) if k in PATH_KEYS and isinstance(v, str) else _absolute_method_paths(v)
+            k: absolute_path(v)
+            if k in PATH_KEYS and isinstance(v, str)
+            else _absolute_method_paths(v)
             for k, v in node.items()
         }
     return node
 
 
 def absolutize_paths(cfg: RunConfig) -> RunConfig:
-    cfg.output_dir = _absolute(cfg.output_dir)
-    cfg.data.shards = [_absolute(s) for s in cfg.data.shards]
+    cfg.output_dir = absolute_path(cfg.output_dir)
+    cfg.data.shards = [absolute_path(s) for s in cfg.data.shards]
     cfg.method = _absolute_method_paths(cfg.method)
     return cfg
 

@@ -36,6 +36,7 @@ from distsr.config import apply_overrides, from_dict, load_yaml
 from distsr.data import cache
 from distsr.data.reader import list_shards
 from distsr.data.shards import count_samples
+from distsr.runconfig import absolute_path
 from distsr.teachers.base import fingerprint_of
 from distsr.teachers.config import CacheJobConfig
 from distsr.teachers.resshift import build_teacher
@@ -52,7 +53,14 @@ def load_config(argv: list[str]) -> CacheJobConfig:
         data = (yaml.safe_load(sys.stdin) or {}) if source == "-" else load_yaml(Path(source))
         if not isinstance(data, dict):
             raise ValueError(f"{source}: top level must be a mapping of CacheJobConfig fields")
-    return from_dict(CacheJobConfig, apply_overrides(data, argv), source=source)
+    cfg = from_dict(CacheJobConfig, apply_overrides(data, argv), source=source)
+    # local paths are made absolute here: Ray actors may run in another folder
+    cfg.output = absolute_path(cfg.output)
+    cfg.shards = [absolute_path(s) for s in cfg.shards]
+    cfg.teacher.unet_checkpoint = absolute_path(cfg.teacher.unet_checkpoint)
+    if cfg.teacher.autoencoder.checkpoint:
+        cfg.teacher.autoencoder.checkpoint = absolute_path(cfg.teacher.autoencoder.checkpoint)
+    return cfg
 
 
 class TeacherWorker:

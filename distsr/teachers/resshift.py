@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from distsr.data.shards import stable_seed
 from distsr.diffusion.resshift import ResShiftDiffusion, ScheduleConfig
-from distsr.models.autoencoder import AutoencoderConfig, build_autoencoder
+from distsr.models.autoencoder import AutoencoderConfig, build_autoencoder, missing_file
 from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin
 from distsr.teachers.base import Teacher, hash_modules
 
@@ -45,6 +45,7 @@ class TeacherConfig:
             problems.append(("kind", f"must be one of ['resshift'], got {self.kind!r}"))
         if not self.unet_checkpoint:
             problems.append(("unet_checkpoint", "a teacher needs trained UNet weights (a path)"))
+        problems += missing_file("unet_checkpoint", self.unet_checkpoint)
         if self.sampler not in SAMPLERS:
             problems.append(("sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}"))
         if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
