@@ -94,6 +94,7 @@ def test_worker_killed_mid_run_is_restarted_from_last_checkpoint(
         tiny_overrides(
             tmp_path, tiny_shards, "name=failing", "engine.max_steps=12", "engine.log_every=2",
             "engine.checkpoint.every_steps=4", "debug.fail_at_step=6", "debug.fail_rank=1",
+            "debug.fail_mode=sigkill",
         ),
     )  # fmt: skip
     final = run(cfg)
@@ -103,6 +104,29 @@ def test_worker_killed_mid_run_is_restarted_from_last_checkpoint(
     # steps 2..6 ran, the worker died at 6, the group restarted from step 4 and logged 6 again
     assert steps.count(6) == 2 and steps[-1] == 12
     assert steps.index(6) < steps.index(8)
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert status["restarts"] == 1 and status["state"] == "finished"
+
+
+def test_worker_killed_while_checkpointing_resumes_from_the_previous_complete_one(
+    ray_cluster, tiny_shards, tmp_path
+):
+    cfg = load_run_config(
+        "resshift_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=killckpt", "engine.max_steps=6", "engine.log_every=1",
+            "engine.checkpoint.every_steps=2", "debug.fail_at_step=4", "debug.fail_rank=1",
+            "debug.fail_mode=sigkill", "debug.fail_in_checkpoint=true",
+        ),
+    )  # fmt: skip
+    final = run(cfg)
+    assert final["step"] == 6
+    steps = [m["step"] for m in read_metrics(cfg.run_dir)]
+    # died while writing step 4's checkpoint: that one was never registered, so the restart
+    # resumed from step 2 and ran steps 3 and 4 again
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]
+    state = torch.load(cfg.run_dir / "step_00000004" / "client_state.pt", weights_only=False)
+    assert state["step"] == 4
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])

@@ -112,6 +112,8 @@ class DebugConfig:
 
     fail_at_step: int | None = None
     fail_rank: int = 0
+    fail_mode: Literal["exit", "sigkill"] = "exit"
+    fail_in_checkpoint: bool = False  # die inside the checkpoint of fail_at_step instead
     nonfinite_at_steps: list[int] = field(default_factory=list)  # NaN loss at these steps
     nonfinite_rank: int = 0
     nonfinite_repeat: int = 1  # consecutive NaN micro-batches injected at each of those steps

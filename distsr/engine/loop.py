@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -80,21 +81,31 @@ class Trainer:
 
     def checkpoint(self, metrics: dict) -> None:
         state = self.client_state()
-        self.store.save(
-            self.step, lambda folder: save_state(folder, self.engines, state, self.ctx), metrics
-        )
+
+        def write(folder):
+            save_state(folder, self.engines, state, self.ctx)
+            self.maybe_inject_failure("checkpoint")
+
+        self.store.save(self.step, write, metrics)
 
     # -- training ----------------------------------------------------------------------------
-    def maybe_inject_failure(self) -> None:
+    def maybe_inject_failure(self, where: str) -> None:
+        """Test hook: die once at ``debug.fail_at_step``, after the step or inside its checkpoint
+        (engine files written, checkpoint not yet registered)."""
         dbg = self.cfg.debug
-        if dbg.fail_at_step != self.step or dbg.fail_rank != self.ctx.rank:
+        wanted = "checkpoint" if dbg.fail_in_checkpoint else "step"
+        if where != wanted or dbg.fail_at_step != self.step or dbg.fail_rank != self.ctx.rank:
             return
         marker = self.cfg.run_dir / f".injected_failure_step{self.step}"
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("injected\n")
-            print(f"[distsr] injected failure at step {self.step} on rank {self.ctx.rank}")
-            os._exit(17)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("injected\n")
+        print(f"[distsr] injected failure ({dbg.fail_mode}, {where}) at step {self.step} "
+              f"on rank {self.ctx.rank}", flush=True)  # fmt: skip
+        if dbg.fail_mode == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(17)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """True when the loss is finite on EVERY rank (flag all-reduced, so all ranks agree)."""
@@ -147,7 +158,7 @@ class Trainer:
         self.logger.step_done(batch_samples)
         for name, ema in self.emas.items():
             ema.update(self.engines[name])
-        self.maybe_inject_failure()
+        self.maybe_inject_failure("step")
         final = self.step == cfg.engine.max_steps
         if self.step % cfg.engine.log_every == 0 or final:
             lr = self.engines[next(iter(self.engines))].get_lr()[0]
