@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling jobs
 import cache_teacher  # noqa: E402
 import make_shards  # noqa: E402
 
-from distsr.config import apply_overrides  # noqa: E402
+from distsr.config import CONFIG_DIR, apply_overrides, load_yaml  # noqa: E402
 from distsr.launch import run  # noqa: E402
 from distsr.models.resshift_unet import UNetModelSwin  # noqa: E402
 from distsr.runconfig import load_run_config, method_config  # noqa: E402
@@ -46,7 +46,8 @@ def prepare(out: Path, crop: int) -> tuple[Path, Path, Path]:
     weights = out / "teacher_unet.safetensors"
     if not weights.exists():
         torch.manual_seed(0)
-        unet = UNetModelSwin(**load_run_config("tadsr_tiny").method["teacher"]["unet"])
+        tiny = load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
+        unet = UNetModelSwin(**tiny)
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(weights))
     summary = cache_teacher.main(["configs/cache_resshift_tiny.yaml",
                                   f"teacher.unet_checkpoint={weights}", f"shards=[{shards}]",

@@ -249,7 +249,8 @@ def test_load_predictor_from_distillation_run(run_dir, student, tmp_path):
     network config is the teacher's section of the recipe config."""
     run = tmp_path / "tadsr"
     (run / "export").mkdir(parents=True)
-    cfg = load_run_config("tadsr_tiny")
+    unet_file = run_dir / "export" / "unet.safetensors"
+    cfg = load_run_config("tadsr_tiny", [f"method.teacher.unet_checkpoint={unet_file}"])
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     weights = (run_dir / "export" / "unet.safetensors").read_bytes()
     (run / "export" / "student_ema.safetensors").write_bytes(weights)

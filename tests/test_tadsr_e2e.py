@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from distsr.config import CONFIG_DIR, load_yaml
 from distsr.launch import run
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.runconfig import load_run_config
@@ -17,11 +18,14 @@ from tests.conftest import load_job, tiny_overrides
 pytestmark = pytest.mark.slow
 
 
+def tiny_unet_kwargs() -> dict:
+    return load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
+
+
 @pytest.fixture(scope="module")
 def teacher_weights(tmp_path_factory):
-    cfg = load_run_config("tadsr_tiny")
     torch.manual_seed(0)
-    unet = UNetModelSwin(**cfg.method["teacher"]["unet"])
+    unet = UNetModelSwin(**tiny_unet_kwargs())
     path = tmp_path_factory.mktemp("teacher") / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
     return path
@@ -55,7 +59,7 @@ def test_live_teacher_trains_student_and_discriminator_and_resumes_both(
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss/disc", "loss/student"))
         assert r["distill"] >= 0 and "adv_g" in r
     assert (tmp_path / "live" / "export" / "student_ema.safetensors").exists()
-    student = UNetModelSwin(**load_run_config("tadsr_tiny").method["teacher"]["unet"])
+    student = UNetModelSwin(**tiny_unet_kwargs())
     from safetensors.torch import load_file
 
     student.load_state_dict(load_file(tmp_path / "live" / "export" / "student.safetensors"))
@@ -98,3 +102,17 @@ def test_cache_of_another_teacher_is_refused_naming_the_difference(
     )
     with pytest.raises(ValueError, match="sampler"):
         run(cfg)
+
+
+def test_previews_show_teacher_and_student_columns(tiny_shards, teacher_weights, tmp_path):
+    from PIL import Image
+
+    cfg = tadsr_cfg(
+        tmp_path, tiny_shards, teacher_weights, "name=preview", "engine.max_steps=2",
+        "engine.preview_every=2", "engine.checkpoint.every_steps=2",
+    )  # fmt: skip
+    run(cfg)
+    grid = Image.open(cfg.run_dir / "previews" / "step_00000002.png")
+    # 4 columns (bicubic | teacher | student | gt) x 4 samples of 32 px, 2 px padding
+    assert grid.size == (4 * 34 + 2, 4 * 34 + 2)
+    assert list((cfg.run_dir / "tensorboard").glob("events.*"))

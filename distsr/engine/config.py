@@ -63,6 +63,7 @@ class EngineConfig:
     grad_accum: int = 1
     ema_decay: float | None = None  # EMA of the trainable weights the recipe names
     log_every: int = 10
+    preview_every: int = 0  # sample-image grids (TensorBoard + run_dir/previews/); 0 = never
     max_nonfinite_in_row: int = 10  # stop after this many NaN/inf losses in a row
     min_free_gb: float = 1.0  # refuse to start when the output folder's disk has less free
     tensorboard: bool = True

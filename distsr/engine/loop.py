@@ -120,6 +120,11 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def maybe_preview(self, batch: dict) -> None:
+        every = self.cfg.engine.preview_every
+        if every and self.step % every == 0:
+            self.logger.image_grid(self.step, self.recipe.preview(batch))
+
     def micro_step(self, batch: dict) -> bool:
         """Apply the recipe's updates in order; False (nothing more applied) on a NaN/inf loss."""
         for update in self.recipe.training_step(batch, self.step):
@@ -206,6 +211,7 @@ class Trainer:
             done_micro += 1
             if done_micro % accum == 0:
                 self.optimizer_step_done()
+                self.maybe_preview(batch)
             if self.step >= cfg.engine.max_steps:
                 break
         self.logger.close()

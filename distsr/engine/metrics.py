@@ -7,9 +7,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import torch
+
 
 class MetricLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, max_steps: int):
+        self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.max_steps = max_steps
         self.writer = None
@@ -87,3 +90,17 @@ class MetricLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+    def image_grid(self, step: int, columns: dict) -> None:
+        """One row per sample, one column per entry of ``columns``: TensorBoard + a PNG."""
+        if not self.enabled or not columns:
+            return
+        from torchvision.utils import make_grid, save_image
+
+        stacked = torch.stack([c.detach().float().cpu() for c in columns.values()], dim=1)
+        grid = make_grid(stacked.flatten(0, 1), nrow=len(columns), padding=2, pad_value=1.0)
+        folder = self.run_dir / "previews"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, folder / f"step_{step:08d}.png")
+        if self.writer is not None:
+            self.writer.add_image("preview/" + " | ".join(columns), grid, step)

@@ -69,6 +69,11 @@ class Recipe:
 
         return make_train_loader(data_cfg, **kwargs)
 
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Columns of a sample-image grid (name -> [B, 3, H, W] in [0, 1], same size); every rank
+        calls it (forwards may be collective), rank 0 writes it. Empty: no previews."""
+        return {}
+
     def state_dict(self) -> dict:
         """Recipe state outside the engines (saved in the checkpoint's client state)."""
         return {}

@@ -78,3 +78,18 @@ class ResShiftRecipe(Recipe):
 
         loss = self.diffusion.training_loss(denoise, z0, z_y, t, noise)
         yield Update("unet", loss)
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        """bicubic | one-step x0 from the prior (t = T-1) | gt, for the first 4 samples."""
+        batch = {k: batch[k][:4] for k in ("gt", "lq")}
+        z0, z_y, cond = self.latents(batch)
+        t = torch.full((z0.shape[0],), self.diffusion.num_timesteps - 1, device=self.device)
+        z_t = self.diffusion.prior_sample(z_y, torch.randn_like(z_y))
+        x0 = self.nets["unet"](self.diffusion.normalize_input(z_t, t).to(self.dtype), t,
+                               lq=cond.to(self.dtype)).float()  # fmt: skip
+
+        def image(z):
+            return ((self.autoencoder.decode(z).float() + 1) / 2).clamp(0, 1)
+
+        return {"bicubic": image(z_y), "one step": image(x0), "gt": image(z0)}

@@ -136,3 +136,26 @@ class TadsrRecipe(Recipe):
     def teacher_denoise(self, lq: torch.Tensor):
         """The frozen teacher (kept in fp32 whatever the engines' precision) with lq bound."""
         return lambda x, t: self.teacher.unet(x.float(), t, lq=lq)
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, torch.Tensor]:
+        """bicubic | teacher (T steps) | student (1 step) | gt, for the first 4 samples."""
+        batch = first(batch, 4)
+        tgt = self.source.targets(batch)
+        z_y, lq = tgt["z_y"], tgt["lq_cond"].float()
+        z_T = self.diffusion.prior_sample(z_y, tgt["noise"])
+        t = torch.full((z_y.shape[0],), self.diffusion.num_timesteps - 1, device=z_y.device)
+        z_in = self.diffusion.normalize_input(z_T, t).to(self.dtype)
+        z0_stu = self.nets["student"](z_in, t, lq=lq.to(self.dtype)).float()
+        decode = self.teacher.decode
+        return {"bicubic": decode(z_y), "teacher": decode(tgt["z0_tch"]),
+                "student": decode(z0_stu), "gt": decode(tgt["z_gt"])}  # fmt: skip
+
+
+def first(value, n: int):
+    """The first ``n`` samples of a (nested) batch: tensors and lists sliced, the rest kept."""
+    if isinstance(value, dict):
+        return {k: first(v, n) for k, v in value.items()}
+    if isinstance(value, torch.Tensor | list | tuple):
+        return value[:n]
+    return value
