@@ -116,3 +116,22 @@ def test_previews_show_teacher_and_student_columns(tiny_shards, teacher_weights,
     # 4 columns (bicubic | teacher | student | gt) x 4 samples of 32 px, 2 px padding
     assert grid.size == (4 * 34 + 2, 4 * 34 + 2)
     assert list((cfg.run_dir / "tensorboard").glob("events.*"))
+
+
+def test_teacher_partitioned_with_zero3_across_two_ray_workers(
+    ray_cluster, tiny_shards, teacher_weights, tmp_path
+):
+    """The frozen teacher split over the ranks (ZeRO-3, no optimizer) while the student and
+    the discriminator train under ZeRO-2: the run completes with finite losses."""
+    cfg = load_run_config(
+        "tadsr_tiny",
+        tiny_overrides(
+            tmp_path, tiny_shards, "name=zero3teacher",
+            f"method.teacher.unet_checkpoint={teacher_weights}",
+            "method.teacher_partition=zero3", "engine.zero_stage=2", "engine.max_steps=2",
+            "engine.log_every=1", "engine.checkpoint.every_steps=2",
+        ),
+    )  # fmt: skip
+    final = run(cfg)
+    assert final["step"] == 2
+    assert torch.isfinite(torch.tensor(final["loss/student"]))

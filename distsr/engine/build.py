@@ -47,3 +47,19 @@ def gathered(engine):
     """Context in which every parameter of ``engine`` is whole (a no-op below ZeRO-3)."""
     params = list(engine.module.parameters())
     return deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3)
+
+
+def build_frozen_engine(module: nn.Module, micro_batch: int, ctx: DistContext):
+    """A frozen module partitioned with ZeRO-3 across the ranks (no optimizer): each rank holds
+    1/world of its weights and gathers a layer's weights for its forward. Forwards become
+    collective, so every rank must run the same ones. Kept in fp32."""
+    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=module.to(ctx.device), config=config)
+    engine.eval()
+    return engine

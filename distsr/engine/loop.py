@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from distsr.config import from_dict
-from distsr.engine.build import build_engine
+from distsr.engine.build import build_engine, build_frozen_engine
 from distsr.engine.checkpoint import load_state, save_state, step_name
 from distsr.engine.context import DistContext
 from distsr.engine.ema import EMA
@@ -40,6 +40,10 @@ class Trainer:
         self.engines = {
             name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx, overrides.get(name))
             for name, module in self.recipe.trainable().items()
+        }
+        self.frozen_engines = {  # ZeRO-3 partitioned frozen modules (e.g. a large teacher)
+            name: build_frozen_engine(module, cfg.data.batch_size, ctx)
+            for name, module in self.recipe.partitioned().items()
         }
         self.recipe.bind(self.engines)
         decay = cfg.engine.ema_decay

@@ -41,6 +41,11 @@ class Recipe:
         """Modules to wrap in DeepSpeed engines, in a stable order."""
         raise NotImplementedError
 
+    def partitioned(self) -> dict[str, nn.Module]:
+        """Frozen modules to partition with ZeRO-3 across the ranks instead of replicating them
+        (the engine wraps them before training; they keep working as plain modules)."""
+        return {}
+
     def ema_targets(self) -> list[str]:
         """Names of trainable modules whose weights get an EMA copy (when the engine has one)."""
         return []

@@ -46,6 +46,7 @@ class TadsrConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache_dir: str | None = None  # cache/<fingerprint> from jobs/cache_teacher.py; None = live
     cache_seed: int = 0  # noise seed of the live teacher (the cache stores its own)
+    teacher_partition: Literal["replicate", "zero3"] = "replicate"  # zero3: 1/world per rank
     lambda_hsd: float = 1.0  # lambda1 (real-world SR)
     lambda_adv: float = 0.02  # lambda2
     hsd_max_frac: float = 0.2  # t' ~ U[1, T/5] (paper)
@@ -83,6 +84,9 @@ class TadsrRecipe(Recipe):
 
     def ema_targets(self):
         return ["student"]
+
+    def partitioned(self):
+        return {"teacher": self.teacher.unet} if self.cfg.teacher_partition == "zero3" else {}
 
     def optimizer_overrides(self):
         return {"disc": {"lr": self.cfg.disc.lr}} if self.cfg.disc.lr else {}
