@@ -49,7 +49,7 @@ def prepare(out: Path, crop: int) -> tuple[Path, Path, Path]:
         tiny = load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
         unet = UNetModelSwin(**tiny)
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(weights))
-    summary = cache_teacher.main(["configs/cache_resshift_tiny.yaml",
+    summary = cache_teacher.main([str(CONFIG_DIR / "cache_resshift_tiny.yaml"),
                                   f"teacher.unet_checkpoint={weights}", f"shards=[{shards}]",
                                   f"output={out / 'cache'}", "num_actors=2"])  # fmt: skip
     return shards, weights, Path(summary["cache_dir"])
@@ -65,8 +65,10 @@ def step_flops(cfg) -> float:
     recipe.bind({"disc": recipe.disc, "student": recipe.student})
     kw = dict(rank=0, world_size=1, steps=1, seed=0)
     cache_dir = cfg.method.get("cache_dir")
-    loader = make_joined_loader(cfg.data, cache_dir, **kw) if cache_dir else make_train_loader(
-        cfg.data, **kw
+    loader = (
+        make_joined_loader(cfg.data, cache_dir, **kw)
+        if cache_dir
+        else make_train_loader(cfg.data, **kw)
     )
     batch = next(iter(loader))
     with FlopCounterMode(display=False) as counter:
