@@ -208,3 +208,21 @@ def deep_merge(base: dict, top: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def load_job_config(cls: type, argv: list[str]):
+    """``[CONFIG.yaml | NAME | -] [key=value ...]`` of an offline job -> a validated ``cls``
+    (``-`` reads the YAML from stdin; no config: overrides only)."""
+    import sys
+
+    data, source = {}, "overrides"
+    if argv and "=" not in argv[0]:
+        source, argv = argv[0], argv[1:]
+        data = (
+            (yaml.safe_load(sys.stdin) or {})
+            if source == "-"
+            else load_yaml(resolve_config_path(source))
+        )
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: top level must be a mapping of {cls.__name__} fields")
+    return from_dict(cls, apply_overrides(data, argv), source=source)

@@ -29,10 +29,9 @@ import time
 import traceback
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
-from distsr.config import apply_overrides, from_dict, load_yaml
+from distsr.config import load_job_config
 from distsr.data import cache
 from distsr.data.reader import list_shards
 from distsr.data.shards import count_samples
@@ -47,13 +46,7 @@ log = logging.getLogger("cache_teacher")
 
 def load_config(argv: list[str]) -> CacheJobConfig:
     """``[CONFIG.yaml | -] [key=value ...]`` -> a validated ``CacheJobConfig``."""
-    data, source = {}, "overrides"
-    if argv and "=" not in argv[0]:
-        source, argv = argv[0], argv[1:]
-        data = (yaml.safe_load(sys.stdin) or {}) if source == "-" else load_yaml(Path(source))
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: top level must be a mapping of CacheJobConfig fields")
-    cfg = from_dict(CacheJobConfig, apply_overrides(data, argv), source=source)
+    cfg = load_job_config(CacheJobConfig, argv)
     # local paths are made absolute here: Ray actors may run in another folder
     cfg.output = absolute_path(cfg.output)
     cfg.shards = [absolute_path(s) for s in cfg.shards]

@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-import yaml
-
-from distsr.config import apply_overrides, from_dict, load_yaml
+from distsr.config import load_job_config
 from distsr.data.config import ShardsConfig
 from distsr.data.shards import make_shards
 
 
 def load_config(argv: list[str]) -> ShardsConfig:
     """``[CONFIG.yaml | -] [key=value ...]`` -> a validated ``ShardsConfig``."""
-    data, source = {}, "overrides"
-    if argv and "=" not in argv[0]:
-        source, argv = argv[0], argv[1:]
-        data = (yaml.safe_load(sys.stdin) or {}) if source == "-" else load_yaml(Path(source))
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: top level must be a mapping of ShardsConfig fields")
-    return from_dict(ShardsConfig, apply_overrides(data, argv), source=source)
+    return load_job_config(ShardsConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
