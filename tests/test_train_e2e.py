@@ -193,6 +193,8 @@ def test_corrupt_shards_are_skipped_counted_and_training_continues(tiny_shards, 
         cfg.run_dir / "checkpoints" / "step_00000030" / "client_state.pt", weights_only=False
     )
     assert state["skipped_samples"] == final["skipped_samples"]
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert status["skipped_samples"] == final["skipped_samples"] and status["state"] == "finished"
 
 
 def test_exported_weights_load_strictly_into_the_official_architecture(tiny_shards, tmp_path):
