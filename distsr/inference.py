@@ -123,7 +123,7 @@ class ResShiftOneStep:
         noise = pad_bottom_right(noise, *self.latent_size(ph, pw))
         y_up = F.interpolate(y, scale_factor=self.scale, mode="bicubic", align_corners=False)
         z_y = self.autoencoder.encode(y_up)
-        cond = y if z_y.shape[-2:] == y.shape[-2:] else y_up
+        cond = y_up if z_y.shape[-2:] == y_up.shape[-2:] else y  # as recipes.resshift
         return z_y, cond, noise, (h, w)
 
     def denoise_fn(self, cond: torch.Tensor):

@@ -64,7 +64,9 @@ class ResShiftRecipe(Recipe):
         y_up = F.interpolate(lq, scale_factor=self.cfg.scale, mode="bicubic", align_corners=False)
         z0 = self.autoencoder.encode(gt)
         z_y = self.autoencoder.encode(y_up)
-        cond = lq if z_y.shape[-2:] == lq.shape[-2:] else y_up
+        # pixel space: condition on the upsampled lq; latent space: on lq itself (the UNet's
+        # feature extractor brings it to the latent size when they differ, e.g. x2 with VQ-f4)
+        cond = y_up if z_y.shape[-2:] == y_up.shape[-2:] else lq
         return z0, z_y, cond
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:

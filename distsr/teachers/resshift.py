@@ -92,10 +92,11 @@ def upsample_lq(lq: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def lq_condition(lq: torch.Tensor, scale: int, latent_hw: Sequence[int]) -> torch.Tensor:
-    """The UNet condition from lq in [0, 1]: lq itself when the latent has lq's size (VQ-f4 at
-    x4), else the upsampled lq (pixel space), as ``recipes.resshift`` conditions its UNet."""
+    """The UNet condition from lq in [0, 1], as ``recipes.resshift`` conditions its UNet: the
+    upsampled lq in pixel space (the latent has the upsampled size), else lq itself (VQ-f4: the
+    latent's size at x4; at x2 the UNet's feature extractor (lq_size = 2 image_size) maps it)."""
     lq, y_up = upsample_lq(lq, scale)
-    return lq if tuple(latent_hw) == tuple(lq.shape[-2:]) else y_up
+    return y_up if tuple(latent_hw) == tuple(y_up.shape[-2:]) else lq
 
 
 class ResShiftTeacher(Teacher):
@@ -123,7 +124,7 @@ class ResShiftTeacher(Teacher):
         """``{"z_y": E(bicubic_up(lq)), "lq": UNet condition}`` from lq in [0, 1]."""
         lq, y_up = upsample_lq(lq.to(self.device, torch.float32), self.cfg.scale)
         z_y = self.autoencoder.encode(y_up)
-        return {"z_y": z_y, "lq": lq if z_y.shape[-2:] == lq.shape[-2:] else y_up}
+        return {"z_y": z_y, "lq": y_up if z_y.shape[-2:] == y_up.shape[-2:] else lq}
 
     @torch.no_grad()
     def encode_gt(self, gt: torch.Tensor) -> torch.Tensor:
