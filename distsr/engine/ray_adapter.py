@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray.train
+import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
@@ -26,16 +27,29 @@ from distsr.engine.context import from_environment
 from distsr.engine.loop import train_worker
 from distsr.runconfig import RunConfig, to_dict
 
+COMPLETE = "COMPLETE"  # written by rank 0 once every rank's upload of a checkpoint returned
+
 
 class RayStore:
-    def __init__(self, rank: int):
+    """Checkpoints through ``ray.train.report``. Ray's registry of reported checkpoints can lag
+    behind a worker or driver that dies (results are polled), so every checkpoint whose uploads
+    all returned is also marked ``COMPLETE`` in the run folder, and resume takes the newer of
+    Ray's latest checkpoint and the newest complete folder."""
+
+    def __init__(self, rank: int, run_dir: Path):
         self.rank = rank
+        self.run_dir = Path(run_dir)
+
+    def newest_complete(self) -> Path | None:
+        done = sorted(p.parent for p in self.run_dir.glob(f"step_*/{COMPLETE}"))
+        return done[-1] if done else None
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Path | None]:
+        marked = self.newest_complete()
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        if checkpoint is None or (marked and marked.name > Path(checkpoint.path).name):
+            yield marked
             return
         with checkpoint.as_directory() as folder:
             yield Path(folder)
@@ -51,11 +65,16 @@ class RayStore:
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's upload (synchronous) has returned
+        folder = self.run_dir / step_name(step)
+        if self.rank == 0 and folder.is_dir():
+            (folder / COMPLETE).write_text("all ranks uploaded\n")
 
 
 def _ray_worker(config: dict) -> None:
     ctx = from_environment()
-    train_worker(config, ctx, RayStore(ctx.rank))
+    train_worker(config, ctx, RayStore(ctx.rank, Path(config["output_dir"]) / config["name"]))
 
 
 def fit(cfg: RunConfig):
