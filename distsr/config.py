@@ -3,13 +3,20 @@
 Every component keeps its own dataclass next to its code; this module only knows how to
 turn nested dicts into those dataclasses, collecting *every* problem into one ``ConfigError``
 that names the dotted YAML path of each bad key or value.
+
+Files a config names (weights, caches) are checked on load too, through ``missing_file``; inside
+``planning_without_files()`` (``--dry-run``) an absent file is listed instead of refused, so a
+cluster job can be planned on a machine that does not hold the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -25,6 +32,55 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {path or '<root>'}: {msg}" for path, msg in problems)
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class MissingFile(tuple):
+    """A ``(path, message)`` problem saying that a file named by the config does not exist."""
+
+    def __new__(cls, key: str, message: str):
+        return super().__new__(cls, (key, message))
+
+
+_PLANNED_MISSING: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "distsr_planned_missing_files", default=None
+)
+
+
+def missing_file(key: str, path: str | None, what: str = "weights file") -> list[tuple[str, str]]:
+    """A config problem when a configured file does not exist (checked before any work)."""
+    if path and not Path(path).expanduser().is_file():
+        return [MissingFile(key, f"{what} not found: {path}")]
+    return []
+
+
+def missing_dir(key: str, path: str | None, what: str = "folder") -> list[tuple[str, str]]:
+    """``missing_file`` for a configured folder (e.g. a teacher cache)."""
+    if path and not Path(path).expanduser().is_dir():
+        return [MissingFile(key, f"{what} not found: {path}")]
+    return []
+
+
+@contextlib.contextmanager
+def planning_without_files() -> Iterator[list[tuple[str, str]]]:
+    """Load configs although files they name are absent: inside, every ``MissingFile`` problem
+    is appended to the yielded list (dotted YAML path, message) instead of being an error."""
+    found: list[tuple[str, str]] = []
+    token = _PLANNED_MISSING.set(found)
+    try:
+        yield found
+    finally:
+        _PLANNED_MISSING.reset(token)
+
+
+def raise_problems(problems: list[tuple[str, str]], source: str = "config") -> None:
+    """Raise one ``ConfigError`` listing ``problems`` (missing files are set aside while
+    ``planning_without_files`` is active)."""
+    planned = _PLANNED_MISSING.get()
+    if planned is not None:
+        planned.extend(tuple(p) for p in problems if isinstance(p, MissingFile))
+        problems = [p for p in problems if not isinstance(p, MissingFile)]
+    if problems:
+        raise ConfigError(problems, source)
 
 
 def _type_name(tp: Any) -> str:
@@ -119,7 +175,7 @@ def _build(cls: type, data: dict, path: str, problems: list) -> Any:
             found = check() or []
         except (TypeError, ValueError):  # a field of the wrong type, reported above
             found = []
-        problems.extend((_join(path, key), msg) for key, msg in found)
+        problems.extend(_prefixed(path, problem) for problem in found)
     return obj
 
 
@@ -127,12 +183,25 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _prefixed(path: str, problem: tuple[str, str]) -> tuple[str, str]:
+    """A ``validate()`` problem with its node's path in front (a ``MissingFile`` stays one)."""
+    key, msg = problem
+    if isinstance(problem, MissingFile):
+        return MissingFile(_join(path, key), msg)
+    return (_join(path, key), msg)
+
+
+def collect(cls: type, data: dict | None, path: str, problems: list[tuple[str, str]]):
+    """Build dataclass ``cls`` from ``data`` at YAML ``path``, appending problems, not raising
+    (for a config assembled from several parts that reports them all together)."""
+    return _convert(data or {}, cls, path, problems)
+
+
 def from_dict(cls: type, data: dict | None, source: str = "config", path: str = ""):
     """Build dataclass ``cls`` from ``data``; raise one ``ConfigError`` listing every problem."""
     problems: list[tuple[str, str]] = []
-    obj = _convert(data or {}, cls, path, problems)
-    if problems:
-        raise ConfigError(problems, source)
+    obj = collect(cls, data, path, problems)
+    raise_problems(problems, source)
     return obj
 
 

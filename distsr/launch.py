@@ -8,13 +8,14 @@ cluster it was not pointed at. ``scaling.ray=false`` runs the same loop in this 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 import yaml
 
-from distsr.config import ConfigError
+from distsr.config import ConfigError, planning_without_files
 from distsr.runconfig import (
     RunConfig,
     check_output_dir,
@@ -28,11 +29,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m distsr.launch", description=__doc__.split("\n")[0])
     p.add_argument("config", help="a config name in configs/ (e.g. tadsr_seesr) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.zero_stage=2")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the DeepSpeed JSON and exit (weight files named in "
+        "the config may be absent: they are listed as missing)",
+    )
+    return p.parse_intermixed_args(argv)  # --dry-run before or after the overrides
 
 
-def dry_run(cfg: RunConfig) -> None:
+def dry_run(cfg: RunConfig, missing: list[tuple[str, str]]) -> None:
     from distsr.engine.deepspeed_config import deepspeed_config
 
     print("# resolved config")
@@ -40,6 +46,10 @@ def dry_run(cfg: RunConfig) -> None:
     print("# DeepSpeed config (per trainable engine)")
     ds = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.scaling.num_workers)
     print(json.dumps(ds, indent=2))
+    if missing:
+        print("\n# missing files (needed where the job runs; a launch without --dry-run refuses)")
+        for key, msg in missing:
+            print(f"#   {key}: {msg}")
 
 
 def connect_ray(cfg: RunConfig):
@@ -69,7 +79,7 @@ def run(cfg: RunConfig) -> dict:
         from distsr.engine.loop import train_worker
 
         store = LocalStore(cfg.run_dir, cfg.engine.checkpoint.keep)
-        return train_worker(to_dict(cfg), init_in_process(), store)
+        return train_worker(cfg, init_in_process(), store)
     import ray
 
     from distsr.engine.ray_adapter import fit
@@ -89,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo(args.overrides)
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        # a dry run plans a job on a machine without the weights: absent files are only listed
+        plan = planning_without_files() if args.dry_run else contextlib.nullcontext([])
+        with plan as missing:
+            cfg = load_run_config(args.config, args.overrides)
         if args.dry_run:
-            dry_run(cfg)
+            dry_run(cfg, missing)
             return 0
         check_output_dir(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:

@@ -1,4 +1,8 @@
-"""The top-level run config: which recipe, its typed section, data, engine and scaling."""
+"""The top-level run config: which recipe, its typed section, data, engine and scaling.
+
+Parsed once, on the driver (``load_run_config``); the ``RunConfig`` object itself, with
+``method`` already the recipe's typed config, is what the workers receive.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,17 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from distsr.config import ConfigError, apply_overrides, from_dict, load_yaml, resolve_config_path
+from distsr.config import (
+    apply_overrides,
+    collect,
+    load_yaml,
+    raise_problems,
+    resolve_config_path,
+)
 from distsr.config import to_dict as to_plain
 from distsr.data.config import DataConfig
 from distsr.engine.config import DebugConfig, EngineConfig, ScalingConfig
@@ -25,7 +36,7 @@ class RunConfig:
     recipe: str
     seed: int = 0
     output_dir: str = "runs"  # run folder = output_dir/name (shared storage on a cluster)
-    method: dict = field(default_factory=dict)  # validated by the recipe's own Config dataclass
+    method: Any = None  # the recipe's typed config: an instance of RECIPES[recipe].Config
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -41,31 +52,29 @@ class RunConfig:
         return []
 
 
-def method_config(cfg: RunConfig):
-    """The recipe's typed config built from ``cfg.method`` (errors name ``method.<key>``)."""
-    recipe_cls = get_recipe(cfg.recipe)
-    return from_dict(recipe_cls.Config, cfg.method, source=f"recipe {cfg.recipe}", path="method")
+def parse_run_config(data: dict, source: str = "run config") -> RunConfig:
+    """A run config mapping -> ``RunConfig`` whose ``method`` is built by the recipe's own
+    ``Config`` dataclass; every problem of both levels is raised together in one ``ConfigError``
+    (errors in the recipe's section are named ``method.<key>``)."""
+    problems: list[tuple[str, str]] = []
+    if not isinstance(data.get("method") or {}, dict):
+        problems.append(("method", f"expected a mapping, got {data['method']!r}"))
+    cfg = collect(RunConfig, {k: v for k, v in data.items() if k != "method"}, "", problems)
+    recipe = data.get("recipe")
+    method = None
+    if recipe in RECIPES and isinstance(data.get("method") or {}, dict):
+        method = collect(get_recipe(recipe).Config, data.get("method"), "method", problems)
+    raise_problems(problems, source)
+    cfg.method = method
+    return cfg
 
 
 def load_run_config(spec: str, overrides: list[str] = ()) -> RunConfig:
-    """``spec`` is a YAML path or a name in ``configs/``; all problems are raised together."""
+    """``spec`` is a YAML path (e.g. a run folder's ``config.yaml``) or a name in ``configs/``;
+    all problems are raised together; local paths are made absolute."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), list(overrides))
-    problems: list[tuple[str, str]] = []
-    cfg = None
-    try:
-        cfg = from_dict(RunConfig, data, source=str(path))
-    except ConfigError as err:
-        problems += err.problems
-    recipe, method = data.get("recipe"), data.get("method")
-    if recipe in RECIPES and isinstance(method, dict | None):
-        try:
-            from_dict(get_recipe(recipe).Config, method, source=str(path), path="method")
-        except ConfigError as err:
-            problems += err.problems
-    if problems:
-        raise ConfigError(problems, str(path))
-    return absolutize_paths(cfg)
+    return absolutize_paths(parse_run_config(data, source=str(path)))
 
 
 def absolute_path(spec: str) -> str:
@@ -78,21 +87,31 @@ def absolute_path(spec: str) -> str:
 PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir")  # local files named in ``method``
 
 
-def _absolute_method_paths(node):
-    if isinstance(node, dict):
-        return {
-            k: absolute_path(v)
-            if k in PATH_KEYS and isinstance(v, str)
-            else _absolute_method_paths(v)
-            for k, v in node.items()
-        }
+def _absolutize_method_paths(node: Any) -> Any:
+    """Make the ``PATH_KEYS`` fields of a typed config tree absolute, in place."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if f.name in PATH_KEYS and isinstance(value, str):
+                setattr(node, f.name, absolute_path(value))
+            else:
+                _absolutize_method_paths(value)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in PATH_KEYS and isinstance(value, str):
+                node[key] = absolute_path(value)
+            else:
+                _absolutize_method_paths(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            _absolutize_method_paths(value)
     return node
 
 
 def absolutize_paths(cfg: RunConfig) -> RunConfig:
     cfg.output_dir = absolute_path(cfg.output_dir)
     cfg.data.shards = [absolute_path(s) for s in cfg.data.shards]
-    cfg.method = _absolute_method_paths(cfg.method)
+    _absolutize_method_paths(cfg.method)
     return cfg
 
 

@@ -4,7 +4,8 @@
 
 One run, same config, same machine: makes shards from the bundled photos, a tiny random-weight
 ResShift teacher, caches its 4-step trajectories (Ray actors), then trains the TAD-SR student
-in-process for ``steps`` steps twice — from the cache and with the live teacher — and reports
+in-process for ``steps`` steps twice — from the cache and with the live teacher, each in a new
+run folder (``out/runs/{cached,live}`` are replaced; shards and cache are reused) — and reports
 the ratio of steps per second next to the FLOP bound (torch's flop counter on one training step,
 forward + backward, with each source). Extra ``key=value`` pairs override the TAD-SR config.
 """
@@ -12,6 +13,7 @@ forward + backward, with each source). Extra ``key=value`` pairs override the TA
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ import make_shards  # noqa: E402
 from distsr.config import CONFIG_DIR, apply_overrides, load_yaml  # noqa: E402
 from distsr.launch import run  # noqa: E402
 from distsr.models.resshift_unet import UNetModelSwin  # noqa: E402
-from distsr.runconfig import load_run_config, method_config  # noqa: E402
+from distsr.runconfig import load_run_config  # noqa: E402
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -57,20 +59,11 @@ def prepare(out: Path, crop: int) -> tuple[Path, Path, Path]:
 
 def step_flops(cfg) -> float:
     """FLOPs of one TAD-SR training step (all updates, forward + backward), plain PyTorch."""
-    from distsr.data.cache import make_joined_loader
-    from distsr.data.reader import make_train_loader
     from distsr.registry import get_recipe
 
-    recipe = get_recipe("tadsr")(method_config(cfg), device=torch.device("cpu"))
-    recipe.bind({"disc": recipe.disc, "student": recipe.student})
-    kw = dict(rank=0, world_size=1, steps=1, seed=0)
-    cache_dir = cfg.method.get("cache_dir")
-    loader = (
-        make_joined_loader(cfg.data, cache_dir, **kw)
-        if cache_dir
-        else make_train_loader(cfg.data, **kw)
-    )
-    batch = next(iter(loader))
+    recipe = get_recipe("tadsr")(cfg.method, device=torch.device("cpu"))
+    recipe.bind(recipe.trainable())
+    batch = next(iter(recipe.make_loader(cfg.data, rank=0, world_size=1, steps=1, seed=0)))
     with FlopCounterMode(display=False) as counter:
         for update in recipe.training_step(batch, 0):
             update.loss.backward()
@@ -78,6 +71,8 @@ def step_flops(cfg) -> float:
 
 
 def timed_run(cfg) -> float:
+    # measured afresh every time: an earlier bench's run folder would resume at its last step
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     final = run(cfg)
     print(f"[bench] {cfg.name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
@@ -101,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flops_per_step_live": step_flops(live),
         "batch_size": cached.data.batch_size,
         "crop_size": opts["crop_size"],
-        "teacher_steps": cached.method["teacher"]["schedule"]["steps"],
+        "teacher_steps": cached.method.teacher.schedule.steps,
     }
     result["speedup"] = result["steps_per_s_cached"] / result["steps_per_s_live"]
     result["flop_bound"] = result["flops_per_step_live"] / result["flops_per_step_cached"]

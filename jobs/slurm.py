@@ -23,11 +23,13 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -38,6 +40,8 @@ WORKER_PORT_OFFSET = 10
 LOG = "[distsr.slurm]"
 PR_SET_PDEATHSIG = 1
 HEAD_TIMEOUT_S, JOIN_TIMEOUT_S = 180.0, 900.0
+# a head stopped by SIGTERM tears down at once (Ray's default drains the node for up to 30 s)
+HEAD_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 class RayPorts:
@@ -56,11 +60,16 @@ class RayPorts:
     def gcs(self) -> int:
         return self.base
 
+    @property
+    def agent(self) -> int:
+        """The node's dashboard agent (HTTP): health check and job agent."""
+        return self.base + 5
+
     def node_flags(self) -> list[str]:
         b = self.base
         return [
             f"--node-manager-port={b + 3}", f"--object-manager-port={b + 4}",
-            f"--dashboard-agent-listen-port={b + 5}", f"--dashboard-agent-grpc-port={b + 6}",
+            f"--dashboard-agent-listen-port={self.agent}", f"--dashboard-agent-grpc-port={b + 6}",
             f"--runtime-env-agent-port={b + 7}", f"--metrics-export-port={b + 8}",
             f"--min-worker-port={b + WORKER_PORT_OFFSET}",
             f"--max-worker-port={b + PORTS_PER_SLOT - 1}",
@@ -126,32 +135,82 @@ def spawn(cmd: list[str], env: dict, log: Path | None = None, cwd: str | None = 
             out.close()
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies left to an init that does not
+    reap them do not count). Linux /proc; elsewhere only the leader is waited for."""
+    if not os.path.isdir("/proc"):
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
 def stop(proc: subprocess.Popen | None, grace: float) -> None:
-    """SIGTERM the process group, SIGKILL it after ``grace`` seconds."""
-    if proc is None or proc.poll() is not None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds; returns once every process
+    of the group has exited (a Ray node's gcs_server and raylet outlive ``ray start``)."""
+    if proc is None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: proc.poll() is not None and not _group_alive(proc.pid),
+                       f"process group {proc.pid} to exit", wait)  # fmt: skip
             return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the Ray head exited with {proc.returncode} before it was up")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the Ray head did not open {host}:{port} within {timeout:.0f}s")
+def wait_until(ready: Callable[[], bool], what: str, timeout: float,
+               proc: subprocess.Popen | None = None, interval: float = 0.5) -> None:  # fmt: skip
+    """Poll ``ready()`` until it is true; RuntimeError after ``timeout`` s or if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def agent_healthy(ip: str, agent_port: int) -> bool:
+    """The node's dashboard agent answers ``/api/healthz``: its HTTP server (with the job agent
+    that ``ray job submit`` needs) is up, and the GCS is alive and sees this node's raylet
+    alive. KubeRay's readiness probe asks the same. The port opening alone says none of this."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{agent_port}/api/healthz", timeout=5) as r:
+            return r.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def auth_headers(token_path: Path) -> dict[str, str]:
+    return {"Authorization": f"Bearer {Path(token_path).read_text().strip()}"}
+
+
+def job_api_answers(url: str, token_path: Path) -> bool:
+    """The dashboard's job API lists jobs (its job module is up and accepts our token)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(url, headers=auth_headers(token_path)).list_jobs()
+        return True
+    except (OSError, RuntimeError):  # connection refused / not ready (HTTP 5xx)
+        return False
+
+
+def wait_for_head(head: subprocess.Popen, ip: str, agent_port: int, timeout: float,
+                  jobs_url: str | None = None, token_path: Path | None = None) -> None:  # fmt: skip
+    """Wait until a Ray head can run drivers (GCS and raylet alive) and, with ``jobs_url``,
+    accept ``ray job submit``: its job API answers and the job agent it submits through is up
+    (the job API alone answers from the GCS before that agent registers; a submission then
+    fails with "No available agent to submit job")."""
+    agent = f"the Ray head's agent at {ip}:{agent_port} to report healthy"
+    wait_until(lambda: agent_healthy(ip, agent_port), agent, timeout, head)
+    if jobs_url is not None:
+        api = f"the Ray job API at {jobs_url}"
+        wait_until(lambda: job_api_answers(jobs_url, token_path), api, timeout, head)
 
 
 def node_ip(local: bool) -> str:
@@ -195,17 +254,16 @@ class RayClusterJob(Checkpointable):
         ip = node_ip(self.local)
         address = f"{ip}:{ports.gcs}"  # RAY_ADDRESS for Ray's own processes too (no "auto")
         cmd = self.ray_start(ports, "--head", f"--node-ip-address={ip}", *ports.head_flags())
-        head_env = ray_env(
-            self.token, RAY_ADDRESS=address, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"
-        )
+        head_env = ray_env(self.token, RAY_ADDRESS=address, **HEAD_ENV)
         self._head = spawn(cmd, head_env, log=self.folder / f"{env.job_id}_ray_head.log")
-        wait_for_port(ip, ports.gcs, self._head, HEAD_TIMEOUT_S)
+        wait_for_head(self._head, ip, ports.agent, HEAD_TIMEOUT_S)
         tmp = head_file.with_name(head_file.name + ".tmp")
         tmp.write_text(address)
         tmp.replace(head_file)
         self._head_file = head_file
-        print(f"{LOG} job {env.job_id}: Ray head at {address} ({env.num_nodes} node(s)); "
-              f"running {shlex.join(self.command)}", flush=True)  # fmt: skip
+        print(f"{LOG} job {env.job_id} (task pid {os.getpid()}): Ray head at {address} "
+              f"({env.num_nodes} node(s)); running {shlex.join(self.command)}",
+              flush=True)  # fmt: skip
         child_env = ray_env(self.token, RAY_ADDRESS=address, PYTHONUNBUFFERED="1")
         self._child = spawn(self.command, child_env, cwd=self.cwd)
         while (code := self._child.poll()) is None:  # polled, not wait(): see checkpoint()
@@ -216,11 +274,9 @@ class RayClusterJob(Checkpointable):
         return code
 
     def join(self, head_file: Path, ports: RayPorts) -> int:
-        deadline = time.time() + JOIN_TIMEOUT_S
-        while not head_file.exists():
-            if time.time() > deadline:
-                raise RuntimeError(f"no Ray head announced in {head_file} within {JOIN_TIMEOUT_S}s")
-            time.sleep(2)
+        # node 0 writes the file once its head is ready
+        wait_until(head_file.exists, f"a Ray head announced in {head_file}", JOIN_TIMEOUT_S,
+                   interval=2)  # fmt: skip
         address = head_file.read_text().strip()
         cmd = self.ray_start(ports, f"--address={address}")
         self._head = spawn(cmd, ray_env(self.token, RAY_ADDRESS=address))

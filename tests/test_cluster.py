@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,10 +26,13 @@ EXCLUDES = ["shards/", "runs/", "checkpoints/", "cache/", ".git/"]
 slurm = load_job("slurm")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now (all held open while choosing, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -39,28 +41,24 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-
-
 @contextlib.contextmanager
 def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
     """`ray start --head --block` with token auth; SIGTERM stops exactly this node's processes
     (no global `ray stop`, which would also kill other Ray clusters on this machine)."""
     token = slurm.write_token(tmp_path / "ray_token")
-    gcs, dashboard = free_port(), free_port()
-    env = slurm.ray_env(token, RAY_ADDRESS=f"127.0.0.1:{gcs}")
+    gcs, dashboard, agent, client = free_ports(4)
+    env = slurm.ray_env(token, RAY_ADDRESS=f"127.0.0.1:{gcs}", **slurm.HEAD_ENV)
+    # every port that has a fixed default is chosen here: a second Ray on this machine (another
+    # test, the demo) holds the defaults, and an agent whose HTTP port is taken runs without it
     cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-           f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
+           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+           f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
            "--disable-usage-stats"]  # fmt: skip
     head = slurm.spawn(cmd, env, log=tmp_path / "ray_head.log")
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        slurm.wait_for_port("127.0.0.1", dashboard, head, timeout=180)
-        yield f"http://127.0.0.1:{dashboard}", env, gcs
+        slurm.wait_for_head(head, "127.0.0.1", agent, timeout=300, jobs_url=url, token_path=token)
+        yield url, env, gcs
     finally:
         slurm.stop(head, grace=60)
     assert head.returncode is not None
@@ -91,12 +89,11 @@ def test_ray_job_submit_trains_on_a_token_protected_cluster(tiny_shards, tmp_pat
     assert (run_dir / "step_00000004" / "client_state.pt").exists()
 
 
-def task_pid(controller: subprocess.Popen) -> int:
-    """The submitit task under the local executor's controller (where SLURM would signal)."""
-    children = Path(f"/proc/{controller.pid}/task/{controller.pid}/children")
-    pids = children.read_text().split()
-    assert len(pids) == 1, pids
-    return int(pids[0])
+def task_pid(job) -> int:
+    """The submitit task (where SLURM would signal), as it announces itself in the job's log."""
+    pids = re.findall(r"\(task pid (\d+)\)", job.stdout() or "")
+    assert pids, job.stdout()
+    return int(pids[-1])
 
 
 def port_is_free(port: int) -> bool:
@@ -119,9 +116,10 @@ def test_slurm_local_job_is_preempted_requeued_and_resumes(tiny_shards, tmp_path
     job = slurm.submit(["resshift_tiny", "--local", "--cpus-per-task", "4", "--time", "30",
                         "--folder", str(tmp_path / "submitit"), "--", *overrides])  # fmt: skip
     try:
-        wait_until(lambda: max(steps(run_dir), default=0) >= 4, 300, "step 4 (after a checkpoint)")
-        os.kill(task_pid(job._process), signal.SIGUSR2)  # submitit's preemption/timeout signal
-        wait_until(job.done, 400, "the requeued job to finish")
+        slurm.wait_until(lambda: max(steps(run_dir), default=0) >= 4,
+                         "step 4 (after a checkpoint)", 300, job._process)  # fmt: skip
+        os.kill(task_pid(job), signal.SIGUSR2)  # submitit's preemption/timeout signal
+        slurm.wait_until(job.done, "the requeued job to finish", 400)
     finally:
         if not job.done():
             job.cancel()

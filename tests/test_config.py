@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import yaml
 
@@ -122,3 +124,97 @@ def test_dry_run_prints_resolved_config_and_deepspeed_json(capsys):
     out = capsys.readouterr().out
     assert "recipe: resshift" in out
     assert '"stage": 3' in out
+
+
+def test_method_is_parsed_once_into_the_recipes_typed_config(tmp_path):
+    """The driver's object is what workers get (pickled) and what config.yaml reloads to."""
+    from distsr.registry import get_recipe
+
+    cfg = load_run_config("resshift_tiny", [f"output_dir={tmp_path}", "method.scale=4"])
+    assert type(cfg.method) is get_recipe("resshift").Config
+    assert cfg.method.schedule.steps == 4 and cfg.method.unet["model_channels"] == 32
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    run_dir = write_run_record(cfg, ["python", "-m", "distsr.launch", "resshift_tiny"])
+    assert load_run_config(str(run_dir / "config.yaml")) == cfg
+
+
+def test_method_problems_come_with_the_others_in_one_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"recipe": "resshift", "method": {"scael": 4}, "seed": "x"}))
+    with pytest.raises(ConfigError) as info:
+        load_run_config(str(path))
+    problems = dict(info.value.problems)
+    assert set(problems) == {"name", "seed", "method.scael"}
+    assert problems["method.scael"].startswith("unknown key (valid: ")
+    assert "scale" in problems["method.scael"]
+
+
+def test_dry_run_plans_without_weights_and_lists_them(tmp_path, monkeypatch, capsys):
+    from distsr.launch import main
+
+    monkeypatch.chdir(tmp_path)  # the config's relative weight paths name nothing here
+    assert main(["resshift_realsr_x4", "method.unet_checkpoint=w/unet.pth", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config" in out and '"stage": 2' in out
+    planned = out[out.index("# missing files") :].splitlines()[1:]
+    assert sorted(planned) == [
+        "#   method.autoencoder.checkpoint: weights file not found: weights/autoencoder_vq_f4.pth",
+        "#   method.unet_checkpoint: weights file not found: w/unet.pth",
+    ]
+    # the same command without --dry-run refuses, naming the same files, before any work
+    assert main(["resshift_realsr_x4", "method.unet_checkpoint=w/unet.pth"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "method.unet_checkpoint: weights file not found" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_still_refuses_other_problems(tmp_path, monkeypatch, capsys):
+    from distsr.launch import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["resshift_realsr_x4", "engine.zero_stage=5", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "engine.zero_stage" in err
+
+
+def test_tadsr_resshift_dry_run_without_any_weight_file(tmp_path, monkeypatch, capsys):
+    from distsr.launch import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tadsr_resshift", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: tadsr" in out
+    missing = out[out.index("# missing files") :]
+    assert "method.teacher.unet_checkpoint: weights file not found" in missing
+    assert "method.teacher.autoencoder.checkpoint: weights file not found" in missing
+    assert main(["tadsr_resshift"]) == 2
+    assert "method.teacher.unet_checkpoint: weights file not found" in capsys.readouterr().err
+
+
+def test_planning_lists_missing_files_only_inside_its_block(tmp_path):
+    from distsr.config import planning_without_files
+    from distsr.models.autoencoder import AutoencoderConfig
+
+    data = {"kind": "vq_f4", "checkpoint": str(tmp_path / "vq.pth")}
+    with planning_without_files() as missing:
+        assert from_dict(AutoencoderConfig, data, path="method.autoencoder").kind == "vq_f4"
+    assert missing == [
+        ("method.autoencoder.checkpoint", f"weights file not found: {tmp_path / 'vq.pth'}")
+    ]
+    with pytest.raises(ConfigError, match="weights file not found"):
+        from_dict(AutoencoderConfig, data)
+    (tmp_path / "vq.pth").write_bytes(b"")
+    with planning_without_files() as missing:
+        from_dict(AutoencoderConfig, data)
+    assert missing == []
+
+
+def test_missing_folders_are_planned_like_missing_files(tmp_path):
+    from distsr.config import missing_dir, planning_without_files, raise_problems
+
+    problems = missing_dir("cache_dir", str(tmp_path / "cache"), "teacher cache")
+    assert problems == [("cache_dir", f"teacher cache not found: {tmp_path / 'cache'}")]
+    with planning_without_files() as missing:
+        raise_problems(problems)
+    assert missing == problems
+    assert missing_dir("cache_dir", str(tmp_path)) == []

@@ -1,14 +1,20 @@
-"""Engine pieces that need no process group: LR schedule, DeepSpeed JSON, the local store."""
+"""Engine pieces: LR schedule, DeepSpeed JSON, per-engine overrides, the local store; and the
+two TAD-SR engine options (no clipping, a constant lr on one engine) through real DeepSpeed
+engines over gloo in this process."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-from distsr.config import from_dict
+from distsr.config import ConfigError, from_dict
+from distsr.engine.build import build_engine, engine_config
 from distsr.engine.checkpoint import CLIENT_STATE, LocalStore
 from distsr.engine.config import EngineConfig, SchedulerConfig
+from distsr.engine.context import init_in_process
 from distsr.engine.deepspeed_config import deepspeed_config
-from distsr.engine.schedule import lr_factor
+from distsr.engine.schedule import build_scheduler, lr_factor
 
 
 def test_warmup_then_cosine_reaches_min_ratio():
@@ -34,6 +40,97 @@ def test_deepspeed_json_follows_typed_config():
     assert ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == 16
     assert ds["gradient_clipping"] == cfg.grad_clip
+
+
+@pytest.mark.parametrize("clip", [0, 0.0, None])
+def test_no_grad_clip_is_written_as_zero(clip):
+    """DeepSpeed clips at norm 1.0 when ``gradient_clipping`` is absent (and fails on null), so
+    "no clipping" must reach the JSON as 0.0."""
+    cfg = from_dict(EngineConfig, {"grad_clip": clip})
+    ds = deepspeed_config(cfg, micro_batch=1, world_size=1)
+    assert ds["gradient_clipping"] == 0.0 and isinstance(ds["gradient_clipping"], float)
+    assert deepspeed_config(from_dict(EngineConfig, {"grad_clip": 2}), 1, 1)[
+        "gradient_clipping"
+    ] == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="grad_clip"):
+        from_dict(EngineConfig, {"grad_clip": -1.0})
+
+
+def test_per_engine_override_gives_a_constant_lr():
+    """TAD-SR's official discriminator: its lr is the base lr from step 0 while the student
+    warms up over 4 steps; the shared config is left as it was."""
+    cfg = from_dict(
+        EngineConfig,
+        {"max_steps": 10, "optimizer": {"lr": 1e-3}, "scheduler": {"warmup_steps": 4}},
+    )
+    disc = engine_config(cfg, {"lr": 2e-3, "scheduler": {"kind": "constant", "warmup_steps": 0}})
+    assert engine_config(cfg, None) is cfg and engine_config(cfg, {}) is cfg
+    assert cfg.scheduler.warmup_steps == 4 and cfg.optimizer.lr == 1e-3
+    assert disc.optimizer.lr == 2e-3 and disc.optimizer.betas == cfg.optimizer.betas
+    assert disc.max_steps == 10 and disc.grad_clip == cfg.grad_clip
+
+    def lrs(c: EngineConfig) -> list[float]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=c.optimizer.lr)
+        sched, out = build_scheduler(opt, c.scheduler, c.max_steps), []
+        for _ in range(6):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    # exact: k/4 * 1e-3 and 1 * 2e-3 are the products the schedule computes
+    assert lrs(cfg) == [1e-3 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)]
+    assert lrs(disc) == [2e-3] * 6
+    with pytest.raises(ValueError, match=r"scheduler\.warmup: unknown .*warmup_steps"):
+        engine_config(cfg, {"scheduler": {"warmup": 0}})
+    with pytest.raises(ValueError, match="momentum: unknown"):
+        engine_config(cfg, {"momentum": 0.9})
+    with pytest.raises(ValueError, match="lr: must be > 0"):
+        engine_config(cfg, {"lr": 0.0})
+
+
+class _Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return (self.w * scale).sum()
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_real_engines_clip_only_when_asked_and_keep_a_constant_disc_lr(grad_clip):
+    """Two DeepSpeed engines as TAD-SR builds them: the gradient [30, 40] (norm 50) reaches
+    AdamW unclipped with grad_clip 0 and scaled to norm 1 with grad_clip 1; the "disc" engine
+    keeps its lr while the "student" warms up. First AdamW step from w = 0 (bias-corrected
+    m = g, v = g^2): w = -lr * g / (|g| + eps); eps = 10 makes the update depend on |g|."""
+    ctx = init_in_process()
+    cfg = from_dict(
+        EngineConfig,
+        {
+            "max_steps": 10,
+            "grad_clip": grad_clip,
+            "optimizer": {"lr": 0.5, "eps": 10.0},
+            "scheduler": {"warmup_steps": 4},
+        },
+    )
+    constant = {"scheduler": {"kind": "constant", "warmup_steps": 0}}
+    engines = {
+        "student": build_engine(_Scalar(), cfg, 1, ctx),
+        "disc": build_engine(_Scalar(), cfg, 1, ctx, constant),
+    }
+    g = torch.tensor([30.0, 40.0])
+    seen = g if grad_clip == 0 else g / 50.0
+    for name, engine in engines.items():
+        assert engine.gradient_clipping() == grad_clip
+        lr = engine.get_lr()[0]
+        assert lr == (0.125 if name == "student" else 0.5)
+        engine.backward(engine(g))
+        engine.step()
+        expected = -lr * seen / (seen.abs() + 10.0)
+        # AdamW's bias corrections and sqrt are not exactly rounded: within 8 float32 ulps
+        torch.testing.assert_close(engine.module.w.detach(), expected, rtol=8 * 2**-23, atol=0)
+    assert engines["student"].get_lr()[0] == 0.25 and engines["disc"].get_lr()[0] == 0.5
 
 
 def _write(marker: str):

@@ -19,14 +19,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from distsr.data.degradation import bicubic_downscale
-from distsr.evaluate import evaluate
-from distsr.evaluate import main as evaluate_main
-from distsr.inference import Bicubic, ResShiftOneStep, load_predictor
+from distsr.evaluate.cli import evaluate
+from distsr.evaluate.cli import main as evaluate_main
+from distsr.inference.predictors import Bicubic, ResShiftOneStep, load_predictor
+from distsr.inference.tiling import upscale_tiled
 from distsr.models.checkpoint import load_official_state_dict
 from distsr.models.resshift_unet import UNetModelSwin
-from distsr.runconfig import load_run_config, method_config, to_dict
-from distsr.tiling import upscale_tiled
-from distsr.upscale import main as upscale_main
+from distsr.runconfig import load_run_config, to_dict
+from distsr.upscale.cli import main as upscale_main
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
 
@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory) -> Path:
     cfg = load_run_config("resshift_tiny")
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     torch.manual_seed(0)
-    unet = UNetModelSwin(**method_config(cfg).unet)
+    unet = UNetModelSwin(**cfg.method.unet)
     with torch.no_grad():
         for p in unet.parameters():
             if p.dim() > 1 and not p.any():
@@ -167,7 +167,7 @@ def test_missing_metric_weights_are_skipped_without_download(tmp_path, monkeypat
 
 
 def test_offline_hub_refuses_downloads(tmp_path):
-    from distsr.metrics import offline_hub
+    from distsr.evaluate.metrics import offline_hub
 
     with offline_hub(tmp_path), pytest.raises(RuntimeError, match="refuses to download"):
         torch.hub.load_state_dict_from_url("http://127.0.0.1:9/weights.pth")
@@ -231,7 +231,7 @@ def test_export_official_format_reloads_strictly(run_dir, tmp_path):
     out = tmp_path / "student.pth"
     assert upscale_main(["export", "--checkpoint", str(run_dir), "--raw", str(out)]) == 0
     state = torch.load(out, map_location="cpu", weights_only=True)
-    cfg = method_config(load_run_config(str(run_dir / "config.yaml")))
+    cfg = load_run_config(str(run_dir / "config.yaml")).method
     unet = load_official_state_dict(out, UNetModelSwin(**cfg.unet))
     # a plain state_dict holding every key (buffers too), as the official reload_model walks
     assert "state_dict" not in state and set(state) == set(unet.state_dict())

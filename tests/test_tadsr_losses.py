@@ -20,16 +20,20 @@ from distsr.losses.hsd import (
     sample_hsd_timesteps,
 )
 from distsr.models import UNetModelSwin
-from distsr.models.discriminator import (
-    TimeAwareDiscriminator,
-    feature_channels_for,
-    teacher_features,
+from distsr.models.autoencoder import AutoencoderConfig
+from distsr.models.discriminator import OFFICIAL_DISC_KWARGS, TimeAwareDiscriminator
+from distsr.models.resshift import (
+    OFFICIAL_LEVELS,
+    ResShift,
+    encoder_features,
+    feature_channels,
     validate_levels,
 )
 from distsr.recipes.base import frozen
+from distsr.teachers import ResShiftTeacher, TeacherConfig
 
 FIX = Path(__file__).parent / "fixtures" / "resshift"
-LEVELS = (1, 3)  # the tiny UNet has 4 input blocks: conv, res(16x16), down, res(8x8)
+LEVELS = (1, 3, "mid")  # the tiny UNet has 4 input blocks: conv, res(16x16), down, res(8x8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,8 +53,14 @@ class ToyTeacher(nn.Module):
         torch.manual_seed(1)
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
 
-    def forward(self, x, t):
+    def forward(self, x, t, lq=None):
         return torch.tanh(self.conv(x)) * 1.5 + 0.1 * t.float().view(-1, 1, 1, 1) * x**2
+
+
+def as_teacher(net: nn.Module, schedule: ScheduleConfig) -> ResShiftTeacher:
+    """``net`` as the denoiser of a pixel-space ResShift teacher (what HSD calls)."""
+    cfg = TeacherConfig(unet={}, autoencoder=AutoencoderConfig(kind="pixel"), schedule=schedule)
+    return ResShiftTeacher(cfg, ResShift(cfg, unet=net))
 
 
 def _tiny_unet() -> UNetModelSwin:
@@ -71,15 +81,15 @@ def test_hsd_gradient_equals_eps_difference_form():
     has autograd gradient w (eps_stu - eps_tch). It must equal hsd_loss's gradient g."""
     diffusion = ResShiftDiffusion(ScheduleConfig(steps=15))
     teacher = ToyTeacher()
+    tch = as_teacher(teacher, ScheduleConfig(steps=15))
     gen = torch.Generator().manual_seed(0)
     B, C, H, W = 3, 3, 8, 8
     z0_stu = torch.randn(B, C, H, W, generator=gen).requires_grad_(True)
     z0_tch, z_y, noise = (torch.randn(B, C, H, W, generator=gen) for _ in range(3))
     t = torch.tensor([0, 1, 2])
 
-    loss, g = hsd_loss(
-        z0_stu, z0_tch, z_y, teacher, diffusion, t, noise, reduction="sum", return_grad=True
-    )
+    cond = {"z_y": z_y, "lq": z_y}
+    loss, g = hsd_loss(z0_stu, z0_tch, tch, cond, t, noise, reduction="sum", return_grad=True)
     (grad_hsd,) = torch.autograd.grad(loss, z0_stu)
     assert teacher.conv.weight.grad is None
 
@@ -109,24 +119,24 @@ def test_hsd_gradient_equals_eps_difference_form():
 
 
 def test_hsd_loss_reduction_and_zero_at_teacher():
-    diffusion = ResShiftDiffusion(ScheduleConfig(steps=4, min_noise_level=0.2))
-    teacher = ToyTeacher()
+    teacher = as_teacher(ToyTeacher(), ScheduleConfig(steps=4, min_noise_level=0.2))
     gen = torch.Generator().manual_seed(3)
     z0_stu = torch.randn(2, 3, 4, 4, generator=gen).requires_grad_(True)
     z0_tch, z_y, noise = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
-    loss, g = hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, return_grad=True)
+    cond = {"z_y": z_y, "lq": z_y}
+    loss, g = hsd_loss(z0_stu, z0_tch, teacher, cond, 0, noise, return_grad=True)
     loss.backward()
     torch.testing.assert_close(z0_stu.grad, g / 2)  # "mean": per-sample sums, batch mean
-    none = hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, reduction="none")
+    none = hsd_loss(z0_stu, z0_tch, teacher, cond, 0, noise, reduction="none")
     assert none.shape == (2,)
     # student == teacher with the same noise: no gradient at all (paper: "no additional bias")
     same = z0_tch.clone().requires_grad_(True)
-    _, g0 = hsd_loss(same, z0_tch, z_y, teacher, diffusion, 0, noise, return_grad=True)
+    _, g0 = hsd_loss(same, z0_tch, teacher, cond, 0, noise, return_grad=True)
     assert torch.equal(g0, torch.zeros_like(g0))
     with pytest.raises(ValueError, match="timesteps must lie"):
-        hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 4, noise)
+        hsd_loss(z0_stu, z0_tch, teacher, cond, 4, noise)
     with pytest.raises(ValueError, match="reduction"):
-        hsd_loss(z0_stu, z0_tch, z_y, teacher, diffusion, 0, noise, reduction="avg")
+        hsd_loss(z0_stu, z0_tch, teacher, cond, 0, noise, reduction="avg")
 
 
 def test_hsd_gradient_hand_checked():
@@ -186,6 +196,12 @@ def test_hinge_losses_hand_checked():
     # generator: -(mean head0 + mean head1) = -(0.25 + -0.5) = 0.25
     assert g_adv_loss(fake).item() == pytest.approx(0.25)
     assert g_adv_loss(real, heads="concat_mean").item() == pytest.approx(0.5 / 6)
+    # the paper's text: the mean of the heads' means = the sum / K (K = 2 heads)
+    loss_fake_m, loss_real_m = d_hinge_terms(fake, real, heads="mean")
+    assert loss_fake_m.item() == pytest.approx(1.0) and loss_real_m.item() == pytest.approx(1.4375)
+    assert g_adv_loss(fake, heads="mean").item() == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="'sum', 'mean' or 'concat_mean'"):
+        g_adv_loss(fake, heads="max")
     logit = torch.tensor([[0.5, -2.0]], requires_grad=True)
     g_adv_loss([logit]).backward()
     torch.testing.assert_close(logit.grad, torch.full((1, 2), -0.5))
@@ -226,12 +242,14 @@ def test_time_modulation_hand_checked():
 
 def test_discriminator_shapes_time_and_spectral_norm():
     unet = _tiny_unet()
-    chans = feature_channels_for(unet, LEVELS)
+    chans = feature_channels(unet, LEVELS)
     assert chans == [32, 64, 64]
     gen = torch.Generator().manual_seed(0)
     x, lq = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 16, 16, generator=gen)
     skips, middle, _ = unet.encode(x, torch.tensor([0, 0]), lq=lq)
-    assert feature_channels_for(unet, range(4)) == [s.shape[1] for s in skips] + [middle.shape[1]]
+    assert feature_channels(unet, [*range(4), "mid"]) == [s.shape[1] for s in skips] + [
+        middle.shape[1]
+    ]
 
     disc = TimeAwareDiscriminator(chans, time_embed_dim=32, hidden=16, logit_channels=2)
     with torch.no_grad():  # leave the zero init so time and features reach the logits
@@ -241,7 +259,7 @@ def test_discriminator_shapes_time_and_spectral_norm():
     outs = {}
     for t in (0, 3):
         tt = torch.full((2,), t)
-        feats = teacher_features(unet, x, tt, lq, LEVELS)
+        feats = encoder_features(unet, x, tt, lq, LEVELS)
         assert [f.shape[1:] for f in feats] == [(32, 16, 16), (64, 8, 8), (64, 8, 8)]
         outs[t] = disc(feats, tt)
         assert [o.shape for o in outs[t]] == [(2, 2 * 256), (2, 2 * 64), (2, 2 * 64)]
@@ -261,7 +279,9 @@ def test_discriminator_shapes_time_and_spectral_norm():
     assert 0.99 < sigma < 1.05
 
     with pytest.raises(ValueError, match="4 input blocks"):
-        feature_channels_for(unet)  # official (3, 6, 9, 11) do not fit the tiny UNet
+        feature_channels(
+            unet, [*OFFICIAL_LEVELS, "mid"]
+        )  # official (3, 6, 9, 11) do not fit the tiny UNet
     with pytest.raises(ValueError, match="distinct"):
         validate_levels(unet, (1, 1))
     with pytest.raises(ValueError, match="C_k"):
@@ -277,14 +297,14 @@ def test_generator_and_discriminator_steps_route_gradients():
     diffusion = ResShiftDiffusion(ScheduleConfig(steps=4, min_noise_level=0.2))
     torch.manual_seed(2)
     student = nn.Conv2d(3, 3, 3, padding=1)
-    disc = TimeAwareDiscriminator(feature_channels_for(unet, LEVELS), time_embed_dim=32, hidden=16)
+    disc = TimeAwareDiscriminator(feature_channels(unet, LEVELS), time_embed_dim=32, hidden=16)
     gen = torch.Generator().manual_seed(4)
     z_T, z_y, z0_gt, lq, noise = (torch.randn(2, 3, 16, 16, generator=gen) for _ in range(5))
     t = torch.tensor([1, 3])
 
     def logits(z0):
         z_t = diffusion.q_sample(z0, z_y, t, noise)
-        feats = teacher_features(unet, diffusion.normalize_input(z_t, t), t, lq, LEVELS)
+        feats = encoder_features(unet, diffusion.normalize_input(z_t, t), t, lq, LEVELS)
         return disc(feats, t)
 
     # at init (zero 3x3 convs) the logits do not depend on the features (eval: no power
@@ -311,9 +331,8 @@ def test_generator_and_discriminator_steps_route_gradients():
     z0_stu = student(z_T)
     with frozen(disc):
         loss = g_adv_loss(logits(z0_stu))
-        loss = loss + hsd_loss(
-            z0_stu, z0_gt, z_y, lambda x, tt: unet(x, tt, lq=lq), diffusion, 0, noise
-        )
+        tch = as_teacher(unet, ScheduleConfig(steps=4, min_noise_level=0.2))
+        loss = loss + hsd_loss(z0_stu, z0_gt, tch, {"z_y": z_y, "lq": lq}, 0, noise)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.requires_grad for p in disc.parameters())  # frozen() restored them
@@ -325,3 +344,96 @@ def test_generator_and_discriminator_steps_route_gradients():
     with frozen(disc):
         g_adv_loss(logits(student(z_T))).backward()
     assert student.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the official discriminator
+
+# widths of hs[3], hs[6], hs[9], hs[11] and the middle block of the released real-SR x4 UNet
+# (model_channels 160, channel_mult [1, 2, 2, 4]): the official heads' widths
+OFFICIAL_CHANNELS = [160, 320, 320, 640, 640]
+
+
+def test_official_discriminator_layout_and_init():
+    """OFFICIAL_DISC_KWARGS on those widths is the official ProjectedDiscriminator(c_dim=64,
+    embed_dim=160): per head of width C a Linear(160, 2C) modulation with PyTorch's default
+    init, GroupNorm(32, C), a zero-initialised 3x3 conv, a spectral-norm 1-D head of width C
+    (k=1 block, residual k=9 block, GroupNorm(4)) and 64 logits per token; the official module
+    holds 19 C^2 + 395 C + 64 parameters per head."""
+    torch.manual_seed(0)
+    disc = TimeAwareDiscriminator(OFFICIAL_CHANNELS, **OFFICIAL_DISC_KWARGS)
+    sn = "parametrizations.weight.original"
+    for k, c in enumerate(OFFICIAL_CHANNELS):
+        mod, head = disc.modulations[k], disc.heads[k]
+        assert {n: tuple(p.shape) for n, p in mod.named_parameters()} == {
+            "norm.weight": (c,), "norm.bias": (c,),
+            "emb_layers.1.weight": (2 * c, 160), "emb_layers.1.bias": (2 * c,),
+        }  # fmt: skip
+        assert {n: tuple(p.shape) for n, p in head.named_parameters()} == {
+            "conv.weight": (c, c, 3, 3), "conv.bias": (c,),
+            f"main.0.0.{sn}": (c, c, 1), "main.0.0.bias": (c,),
+            "main.0.1.weight": (c,), "main.0.1.bias": (c,),
+            f"main.1.fn.0.{sn}": (c, c, 9), "main.1.fn.0.bias": (c,),
+            "main.1.fn.1.weight": (c,), "main.1.fn.1.bias": (c,),
+            f"cls.{sn}": (64, c, 1), "cls.bias": (64,),
+        }  # fmt: skip
+        assert mod.norm.num_groups == 32
+        assert head.main[0][1].num_groups == head.main[1].fn[1].num_groups == 4
+        assert head.main[1].fn[0].padding_mode == "circular"
+        assert not head.conv.weight.any() and not head.conv.bias.any()
+        # default nn.Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), not the zero init
+        w, bound = mod.emb_layers[1].weight.abs().max().item(), 1 / math.sqrt(160)
+        assert 0.9 * bound < w <= bound
+    count = sum(p.numel() for p in disc.parameters())
+    assert count == sum(19 * c * c + 395 * c + 64 for c in OFFICIAL_CHANNELS)
+
+    # a 64x64 latent (256^2 crop): 64 logits per token of each head, official layout; at init
+    # the zero 3x3 convs make the logits ignore both the features and t
+    sizes = [32, 16, 8, 8, 8]
+    gen = torch.Generator().manual_seed(1)
+    feats = [torch.randn(1, c, s, s, generator=gen) for c, s in zip(OFFICIAL_CHANNELS, sizes)]
+    disc.eval()  # no power iteration between the two calls
+    with torch.no_grad():
+        a = disc(feats, 0)
+        b = disc([3 * f + 1 for f in feats], 13)
+    assert [tuple(x.shape) for x in a] == [(1, 64 * s * s) for s in sizes]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_presets_select_the_official_and_the_paper_training():
+    """configs/tadsr_resshift.yaml trains as the official code (docs/tadsr_paper_vs_official.md);
+    tadsr_resshift_paper.yaml changes exactly the points Eq. 11-12 and Algorithm 1 state."""
+    from distsr.config import CONFIG_DIR, load_yaml, planning_without_files
+    from distsr.runconfig import load_run_config
+
+    with planning_without_files():  # the weights need not be here
+        official, paper = (load_run_config(n) for n in ("tadsr_resshift", "tadsr_resshift_paper"))
+    d, e = official.method.disc, official.engine
+    assert d.kwargs == OFFICIAL_DISC_KWARGS and d.lr is None
+    assert (d.heads, d.lr_schedule, d.include_last_t, d.reuse_prior_noise) == (
+        "concat_mean", "constant", False, False,
+    )  # fmt: skip
+    assert official.method.noise == "uniform" and official.method.disc.levels == [3, 6, 9, 11]
+    assert (e.grad_clip, e.precision, e.optimizer.lr, e.scheduler.warmup_steps) == (
+        0, "fp32", 5e-5, 5000,
+    )  # fmt: skip
+    assert official.data.batch_size * official.scaling.num_workers == 8  # train.batch[0]
+    p = paper.method
+    assert (p.noise, p.disc.heads, p.disc.include_last_t, p.disc.reuse_prior_noise) == (
+        "gaussian", "sum", True, True,
+    )  # fmt: skip
+    top = _flat(load_yaml(CONFIG_DIR / "tadsr_resshift.yaml"))
+    mine = _flat(load_yaml(CONFIG_DIR / "tadsr_resshift_paper.yaml"))
+    assert {k for k, v in mine.items() if top.get(k) != v} == {
+        "name", "method.noise", "method.disc.heads", "method.disc.include_last_t",
+        "method.disc.reuse_prior_noise",
+    }  # fmt: skip

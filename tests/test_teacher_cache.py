@@ -1,5 +1,6 @@
 """The teacher-output cache: the Ray caching job on real shards, the joined reader, and the
-Live/Cached teacher sources (a tiny pixel-space ResShift teacher with random weights)."""
+Live/Cached teacher sources (a tiny pixel-space ResShift teacher with random weights).
+Ray-free cache tests (other teacher kinds, draws, input validity): test_cache_targets.py."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import yaml
 from safetensors.torch import save_file
 
 from distsr.config import ConfigError
-from distsr.data.cache import make_joined_loader, read_manifest, read_teacher_info
+from distsr.data.cache import TeacherCache
 from distsr.data.config import DataConfig
+from distsr.data.reader import make_train_loader
 from distsr.models.resshift_unet import UNetModelSwin
-from distsr.teachers import CachedTeacher, LiveTeacher, build_teacher, check_cache, noise_for
+from distsr.teachers import build_teacher
+from distsr.teachers.noise import noise_for
+from distsr.teachers.source import CachedTeacher, LiveTeacher
 from tests.conftest import ROOT, load_job
 
 job = load_job("cache_teacher")
@@ -93,6 +97,16 @@ def joined_cfg(shards: Path, **kw) -> DataConfig:
     return DataConfig(shards=[str(shards)], **{"batch_size": BATCH, "shuffle": 0, **kw})
 
 
+def joined_loader(data_cfg: DataConfig, cache_dir, steps: int = 1):
+    """The training stream with the teacher-cache stage (rank 0 of 1)."""
+    return make_train_loader(data_cfg, rank=0, world_size=1, steps=steps, seed=0,
+                             cache=TeacherCache(cache_dir))  # fmt: skip
+
+
+def read_manifest(cache_dir) -> dict:
+    return TeacherCache(cache_dir).manifest()
+
+
 # ---------------------------------------------------------------- the teacher
 
 
@@ -101,7 +115,7 @@ def test_teacher_samples_from_its_prior_and_exposes_one_step_calls(unet_ckpt):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     cond = teacher.prepare(torch.rand(2, 3, 8, 8))
     assert cond["z_y"].shape == (2, 3, 32, 32) and torch.equal(cond["lq"], cond["z_y"])
-    noise = noise_for(["a", "b"], cond["z_y"].shape, seed=0)
+    noise = noise_for(["a", "b"], cond["z_y"].shape[1:], seed=0)
     assert torch.equal(noise[1], noise_for(["b"], (3, 32, 32), seed=0)[0])  # per sample
     z = teacher.prior(cond, noise)
     for t in reversed(range(4)):  # the SinSR chain by hand, from z_T = prior(cond, noise)
@@ -118,7 +132,7 @@ def test_teacher_samples_from_its_prior_and_exposes_one_step_calls(unet_ckpt):
     assert z_t.grad.abs().sum() > 0  # the TAD-SR discriminator backpropagates to the student
 
     stochastic = build_teacher(teacher_cfg(unet_ckpt, "teacher.sampler=stochastic"))
-    draws = noise_for(["a", "b"], (3, 32, 32), seed=0, draws=stochastic.noise_draws)
+    draws = noise_for(["a", "b"], (3, 32, 32), seed=0, tensors=stochastic.noise_tensors)
     assert draws.shape == (5, 2, 3, 32, 32) and torch.equal(draws[0], noise)
     assert torch.equal(stochastic.sample(cond, draws), stochastic.sample(cond, draws))
     with pytest.raises(ValueError, match="stochastic sampler needs noise"):
@@ -134,24 +148,28 @@ def test_job_config_from_overrides_only_and_its_errors(unet_ckpt):
     assert cfg.num_actors == 3 and cfg.teacher.unet["model_channels"] == 160  # official kwargs
     with pytest.raises(ConfigError) as err:
         job.load_config([str(ROOT / "configs/cache_resshift_tiny.yaml"), "batch_size=0",
-                         "teacher.sampler=ddim"])  # fmt: skip
+                         "teacher.sampler=ddim", "draws=0"])  # fmt: skip
     problems = dict(err.value.problems)
-    assert {"batch_size", "teacher.sampler", "teacher.unet_checkpoint"} <= set(problems)
+    assert {"batch_size", "teacher.sampler", "teacher.unet_checkpoint", "draws"} <= set(problems)
 
 
 def test_job_caches_every_key_once_in_input_order(cached, inputs):
     cache_dir = Path(cached["cache_dir"])
     assert cached["failed"] == {} and cached["written"] == sorted(p.name for p in inputs.iterdir())
-    assert cache_dir.name == cached["fingerprint"] == read_teacher_info(cache_dir)["fingerprint"]
-    manifest = read_manifest(cache_dir)
+    cache = TeacherCache(cache_dir)
+    assert cache_dir.name == cached["fingerprint"] == cache.fingerprint
+    assert (cache.outputs, cache.stored, cache.draws) == (("z0",), ("z_y",), 1)
+    manifest = cache.manifest()
     assert manifest["samples"] == 24 and set(manifest["shards"]) == set(cached["written"])
     for name in cached["written"]:
         keys = tar_keys(cache_dir / name)
         assert keys == tar_keys(inputs / name) and len(keys) == len(set(keys)) == 8
         assert manifest["shards"][name]["samples"] == 8
         sample = next(iter(wds.WebDataset(str(cache_dir / name), shardshuffle=False).decode()))
-        assert sample["z0.npy"].dtype == np.float16 and sample["z0.npy"].shape == (3, 32, 32)
-        assert int(sample["seed.txt"]) > 0
+        assert sample["z0.npy"].dtype == np.float16 and sample["z0.npy"].shape == (1, 3, 32, 32)
+        assert sample["z_y.npy"].shape == sample["z_gt.npy"].shape == (3, 32, 32)
+        assert sample["seed.npy"].dtype == np.int64 and sample["seed.npy"].shape == (1,)
+        assert manifest["shards"][name]["input"]["sha256"]
     assert not list(cache_dir.glob("*.tmp"))
 
 
@@ -161,79 +179,102 @@ def test_job_caches_every_key_once_in_input_order(cached, inputs):
 def test_cached_and_live_teachers_give_identical_targets(cached, unet_ckpt, inputs):
     cache_dir = Path(cached["cache_dir"])
     teacher = build_teacher(teacher_cfg(unet_ckpt))
-    assert check_cache(cache_dir, teacher)["noise_seed"] == 0
-    live, cache = LiveTeacher(teacher, seed=0), CachedTeacher.from_cache(cache_dir)
-    assert live.fingerprint == cache.fingerprint == cached["fingerprint"]
+    cache = TeacherCache(cache_dir)
+    assert cache.noise_seed == 0
+    live, source = LiveTeacher(teacher, seed=0, fresh_noise=False), CachedTeacher(cache, teacher)
+    assert live.fingerprint == source.fingerprint == cached["fingerprint"]
     # no shuffle + shards of whole teacher batches: each batch is one batch of the job
-    loader = make_joined_loader(joined_cfg(inputs), cache_dir, rank=0, world_size=1, steps=4,
-                                seed=0)  # fmt: skip
+    loader = joined_loader(joined_cfg(inputs), cache_dir, steps=4)
     seen = set()
     for batch in loader:
-        want, got = live.targets(batch), cache.targets(batch)
-        assert set(want) == set(got) == {"z0_tch", "z_y", "z_gt", "noise", "lq_cond"}
-        for name in want:
+        want, got = live.targets(batch), source.targets(batch)
+        assert set(want) == set(got) == {"cond", "noise", "z0_tch", "z_gt"}
+        for name in ("noise", "z0_tch", "z_gt"):
             assert torch.equal(want[name], got[name]), name
+        assert set(want["cond"]) == set(got["cond"]) == {"z_y", "lq"}
+        for name in want["cond"]:
+            assert torch.equal(want["cond"][name], got["cond"][name]), name
         assert torch.equal(got["z0_tch"], got["z0_tch"].half().float())  # fp16 values
-        assert not torch.equal(got["z0_tch"], got["z_y"])  # the trajectory did something
+        assert not torch.equal(got["z0_tch"], got["cond"]["z_y"])  # the trajectory did something
         seen.update(batch["__key__"])
     assert len(seen) >= 8 and loader.skipped == 0
 
 
 def test_cache_of_another_teacher_is_refused(cached, unet_ckpt, tmp_path):
-    cache_dir = Path(cached["cache_dir"])
+    cache = TeacherCache(cached["cache_dir"])
     other = build_teacher(teacher_cfg(save_unet(tmp_path / "other.safetensors", seed=1)))
     with pytest.raises(ValueError, match=r"differ in: weights \(") as err:
-        check_cache(cache_dir, other)
+        CachedTeacher(cache, other)
     assert "sampler" not in str(err.value) and cached["fingerprint"] in str(err.value)
     stochastic = build_teacher(teacher_cfg(unet_ckpt, "teacher.sampler=stochastic"))
     with pytest.raises(ValueError, match="differ in: sampler .'deterministic' vs 'stochastic'"):
-        check_cache(cache_dir, stochastic)
+        cache.check(stochastic)
     steps = build_teacher(teacher_cfg(unet_ckpt, "teacher.schedule.steps=5"))
     with pytest.raises(ValueError, match=r"schedule \(steps: 4 vs 5\)"):
-        check_cache(cache_dir, steps)
+        cache.check(steps)
 
 
 # ---------------------------------------------------------------- kill and resume
 
 
-def wait_for_first_shard(cache_dir_root: Path, proc: subprocess.Popen, timeout: float) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for manifest in cache_dir_root.glob("*/manifest.json"):
-            if read_manifest(manifest.parent).get("shards"):
-                return manifest.parent
+def wait_until(ready, proc: subprocess.Popen, timeout: float, what: str):
+    """``ready()``'s first truthy value, polled until ``timeout`` or the job's exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        value = ready()
+        if value:
+            return value
         time.sleep(0.05)
-    raise AssertionError(f"no finished shard within {timeout}s (exit code {proc.poll()})")
+    raise AssertionError(f"no {what} within {timeout}s (job exit code {proc.poll()})")
 
 
 def test_killed_job_resumes_with_every_key_once(ray_cluster, unet_ckpt, tiny_shards, tmp_path):
+    """The last input shard is a named pipe nobody writes to: the job caches the first three
+    shards, then blocks inside the fourth (its temp file open) until it is killed, whatever the
+    machine's load. The re-run reads the real shard and must keep the finished ones."""
     inputs = subset_shards(tiny_shards, tmp_path / "in", 4, 8)
+    last = sorted(inputs.iterdir())[-1]
+    real = last.read_bytes()
+    last.unlink()
+    os.mkfifo(last)
     output = tmp_path / "cache"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+    def blocked_in_last_shard():
+        for manifest in output.glob("*/manifest.json"):
+            cache_dir = manifest.parent
+            if len(read_manifest(cache_dir).get("shards", {})) == 3 and list(
+                cache_dir.glob(f"{last.name}.*.tmp")
+            ):
+                return cache_dir
+        return None
+
     with open(tmp_path / "job.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "jobs/cache_teacher.py"), *job_args(unet_ckpt, inputs,
              output, "num_actors=1")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            cache_dir = wait_for_first_shard(output, proc, timeout=90)
+            cache_dir = wait_until(blocked_in_last_shard, proc, 120, "3 finished shards")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     done = set(read_manifest(cache_dir)["shards"])
-    assert 1 <= len(done) < 4, "the job finished before it could be killed"
-    deadline = time.time() + 30  # Ray kills the dead driver's actor: wait for its CPU back
-    while ray_cluster.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
+    assert last.name not in done and len(done) == 3
+    deadline = time.monotonic() + 30  # Ray kills the dead driver's actor: wait for its CPU back
+    while ray_cluster.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
+    last.unlink()
+    last.write_bytes(real)
     kept = {name: (cache_dir / name).stat().st_mtime_ns for name in done}
     summary = job.main(job_args(unet_ckpt, inputs, output))
     assert set(summary["already_done"]) == done and summary["failed"] == {}
+    assert summary["written"] == [last.name]
     assert {name: (cache_dir / name).stat().st_mtime_ns for name in done} == kept
-    assert sorted(done | set(summary["written"])) == sorted(p.name for p in inputs.iterdir())
     for name in sorted(p.name for p in inputs.iterdir()):
         assert tar_keys(cache_dir / name) == tar_keys(inputs / name)
     assert read_manifest(cache_dir)["samples"] == 32
-    assert not list(output.rglob("*.tmp"))
+    assert not list(output.rglob("*.tmp"))  # the killed writer's temp file is gone
 
 
 # ---------------------------------------------------------------- the joined reader
@@ -246,8 +287,7 @@ def test_joined_reader_raises_on_a_key_mismatch(cached, inputs, tmp_path):
         (cache_dir / path.name).write_bytes(path.read_bytes())
     names = sorted(p.name for p in inputs.iterdir())
     (cache_dir / names[1]).write_bytes((cache_dir / names[0]).read_bytes())  # wrong pairing
-    loader = make_joined_loader(joined_cfg(inputs / names[1]), cache_dir, rank=0, world_size=1,
-                                steps=1, seed=0)  # fmt: skip
+    loader = joined_loader(joined_cfg(inputs / names[1]), cache_dir)
     with pytest.raises(ValueError, match="out of step") as err:
         next(iter(loader))
     message = str(err.value)
@@ -258,16 +298,13 @@ def test_joined_reader_raises_on_a_key_mismatch(cached, inputs, tmp_path):
 def test_joined_reader_refuses_random_crops_and_missing_shards(cached, inputs, tmp_path):
     cache_dir = Path(cached["cache_dir"])
     with pytest.raises(ValueError, match="gt_size=16 would random-crop"):
-        make_joined_loader(joined_cfg(inputs, gt_size=16), cache_dir, rank=0, world_size=1,
-                           steps=1, seed=0)  # fmt: skip
-    assert make_joined_loader(joined_cfg(inputs, gt_size=32), cache_dir, rank=0, world_size=1,
-                              steps=1, seed=0).steps == 1  # fmt: skip
+        joined_loader(joined_cfg(inputs, gt_size=16), cache_dir)
+    assert joined_loader(joined_cfg(inputs, gt_size=32), cache_dir).steps == 1
     extra = tmp_path / "more"
     extra.mkdir()
     (extra / "train-000042.tar").write_bytes((inputs / "train-000000.tar").read_bytes())
     with pytest.raises(ValueError, match="lacks 1 of 4 input shard.*train-000042.tar"):
-        make_joined_loader(DataConfig(shards=[str(inputs), str(extra)]), cache_dir, rank=0,
-                           world_size=1, steps=1, seed=0)  # fmt: skip
+        joined_loader(DataConfig(shards=[str(inputs), str(extra)]), cache_dir)
 
 
 def rewrite(src: Path, dst: Path, change) -> list[str]:
@@ -306,14 +343,14 @@ def test_corrupt_input_is_skipped_in_both_streams_and_a_failing_shard_is_reporte
     assert entry["samples"] == 7 and entry["skipped"] == 1
     assert tar_keys(cache_dir / "train-000000.tar") == keys[:2] + keys[3:]
 
-    loader = make_joined_loader(joined_cfg(shards / "train-000000.tar"), cache_dir, rank=0,
-                                world_size=1, steps=4, seed=0)  # fmt: skip
+    loader = joined_loader(joined_cfg(shards / "train-000000.tar"), cache_dir, steps=4)
     teacher = build_teacher(teacher_cfg(unet_ckpt))
-    source = CachedTeacher.from_cache(cache_dir)
+    source = CachedTeacher(TeacherCache(cache_dir), teacher)
     seen = []
     for batch in loader:
         got = source.targets(batch)  # pairing: the cached latents are of this batch's images
-        assert torch.equal(got["z_y"], teacher.prepare(batch["lq"])["z_y"].half().float())
+        z_y = teacher.prepare(batch["lq"])["z_y"]
+        assert torch.equal(got["cond"]["z_y"], z_y.half().float())
         assert torch.equal(got["z_gt"], (batch["gt"] * 2 - 1).half().float())
         seen += batch["__key__"]
     assert set(seen) == set(keys) - {keys[2]}

@@ -210,7 +210,7 @@ def test_exported_weights_load_strictly_into_the_official_architecture(tiny_shar
         ),
     )  # fmt: skip
     run(cfg)
-    unet = UNetModelSwin(**cfg.method["unet"])
+    unet = UNetModelSwin(**cfg.method.unet)
     for name in ("unet", "unet_ema"):
         state = load_file(cfg.run_dir / "export" / f"{name}.safetensors")
         unet.load_state_dict(state, strict=True)

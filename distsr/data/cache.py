@@ -3,29 +3,47 @@
 Layout (``jobs/cache_teacher.py`` writes it)::
 
     <cache root>/<teacher fingerprint>/
-        teacher.json     {"fingerprint", "parts", "noise_seed"}: which teacher, which noise
-        manifest.json    {"fingerprint", "noise_seed", "shards": {name: {samples, skipped, ...}}}
+        teacher.json     {"format", "fingerprint", "parts", "noise_seed", "draws", "outputs",
+                          "stored", "fields"}: which teacher, which noise, which fields
+        manifest.json    {"fingerprint", "noise_seed", "draws", "samples",
+                          "shards": {name: {samples, skipped, input, gt_size, shapes, seconds}}}
         train-000000.tar the SAME names as the input shards
 
-A cache sample is ``{__key__, z0.npy, z_y.npy, z_gt.npy, seed.txt}``: the teacher's z0 (the
-full trajectory), the latents of the upsampled lq and of gt, all float16 ``[C, H, W]``, and the
-per-sample noise seed ``stable_seed(noise_seed, key)`` (``teachers.resshift.noise_from_seeds``
-regenerates the eps from it). Samples are in input order; input samples that fail to decode
-are not cached (the job counts them in the manifest's ``skipped``).
+A cache sample holds generic named fields, all float16 ``.npy``: the teacher's outputs
+(``teacher.outputs``, e.g. ``z0``, or ``z0.swinir`` and ``z0.edsr`` for a multi-teacher), each
+``[K, ...]`` with one entry per trajectory (``draws: K``), then ``z_gt`` (gt in the teacher's
+target space) and the condition entries ``teacher.prepare`` rebuilds the rest from
+(``teacher.stored``, e.g. ``z_y``), each ``[...]``; and ``seed.npy``, int64 ``[K]``: the noise
+seed of each trajectory (``teachers.noise.sample_seed(noise_seed, key, k)``; the prior eps is
+regenerated from it). Samples are in input order; input samples that fail to decode are not
+cached (the job counts them in the manifest's ``skipped``).
 
-The joined reader (``make_joined_loader``) is ``reader.make_train_loader`` with one more column:
-input shard i and cache shard i are read side by side and joined by ``__key__`` before the
-shuffle. An input sample missing from the cache is skipped and counted if it is corrupt (so the
-job skipped it too); otherwise the pairing is wrong and a ``ValueError`` names both shard urls
-and both keys. Random crops are refused: the cached latents are of the whole stored gt.
+**Validity.** ``TeacherCache.check(teacher)`` refuses a cache written by another teacher and
+names each differing fingerprint part. ``TeacherCache.check_inputs(urls)`` refuses input shards
+that the cache holds no finished shard for, and input shards whose *content* differs from the
+one the cache shard was made from, though the name is the same: the manifest records each input
+shard's size, the fingerprint of its shard folder (``manifest.json`` of ``make_shards``) and its
+sha256. At the start of training the size is compared, then the shard-folder fingerprint when
+both have one (cheap; equal fingerprints mean the same deterministic shard bytes); otherwise the
+shard file is hashed. Remote shards (``pipe:``, ``http://``...) are checked by name only.
+
+**Draws.** ``draws: K`` stores K trajectories per crop, from K different z_T; training picks one
+per step and sample (``teachers.source.CachedTeacher``). The cache job's cost and the cache's size
+grow K-fold in the outputs (the stored condition and z_gt are stored once); in exchange the
+student sees K teacher outputs per crop instead of one, closer to the live teacher's fresh z_T
+per step (Algorithm 1). K = 1 is the cheap default: one z_T per crop, repeated every time the
+crop comes back.
+
+The joined reading is a stage of the one training pipeline (``reader.make_train_loader(...,
+cache=TeacherCache(dir))``): input shard i and cache shard i are read side by side and joined
+by ``__key__`` before the shuffle, and batches carry ``batch["cache"]``.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import io
 import json
-import math
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -33,29 +51,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from distsr.config import ConfigError
-from distsr.data.config import DataConfig
-from distsr.data.reader import (
-    SkipCounter,
-    TrainLoader,
-    _shuffle,
-    _worker_index,
-    check_scale,
-    collate,
-    decode_fields,
-    iter_samples,
-    list_shards,
-    to_tensor,
-)
-from distsr.data.shards import AtomicTarWriter, stable_seed, write_json_atomic
+from distsr.data.reader import SkipCounter, collate, iter_samples
+from distsr.data.shards import AtomicTarWriter, write_json_atomic
+from distsr.teachers.base import fingerprint_of, parts_differ
 
 TEACHER_JSON = "teacher.json"
 MANIFEST = "manifest.json"
-LATENTS = ("z0", "z_y", "z_gt")
-CACHE_FIELDS = tuple(f"{name}.npy" for name in LATENTS) + ("seed.txt",)
-TargetsFn = Callable[[dict], dict]  # batch -> {"z0", "z_y", "z_gt": fp16 [B,C,H,W], "seed": [B]}
+FORMAT = 2  # teacher.json "format": 2 = generic named fields + draws
+SEED = "seed"  # the per-sample noise seeds, int64 [K]
+GT = "z_gt"
+FieldsFn = Callable[[dict], dict]  # batch -> {output: [B, K, ...], z_gt/stored: [B, ...], seed}
 
 
 # ---------------------------------------------------------------- folder, names, metadata
@@ -90,49 +96,288 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def read_teacher_info(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / TEACHER_JSON
-    info = read_json(path)
-    if info is None:
-        raise ValueError(f"{cache_dir} is not a teacher cache: {TEACHER_JSON} is missing")
-    return info
+# ---------------------------------------------------------------- input shard identity
 
 
-def write_teacher_info(cache_dir: Path, fingerprint: str, parts: dict, noise_seed: int) -> None:
-    info = {"fingerprint": fingerprint, "parts": parts, "noise_seed": noise_seed}
-    write_json_atomic(cache_dir / TEACHER_JSON, info)
+def input_identity(url: str, content: bool = True) -> dict:
+    """What identifies input shard ``url``'s content: ``{url, bytes, shards_fingerprint (the
+    fingerprint in the shard folder's manifest.json, if it lists this shard), sha256 (with
+    content)}``; a remote url: ``{url}`` only."""
+    path = Path(url).expanduser()
+    if not path.is_file():
+        return {"url": url}
+    identity = {"url": url, "bytes": path.stat().st_size}
+    folder = read_json(path.parent / MANIFEST) or {}
+    listed = {s.get("name") for s in folder.get("shards", []) if isinstance(s, dict)}
+    if folder.get("fingerprint") and path.name in listed:
+        identity["shards_fingerprint"] = folder["fingerprint"]
+    if content:
+        identity["sha256"] = file_sha256(path)
+    return identity
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    return read_json(Path(cache_dir) / MANIFEST) or {"shards": {}}
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def finished_shards(cache_dir: str | Path) -> dict[str, dict]:
-    """Shards listed in the manifest whose file exists (a rename always precedes the listing)."""
-    cache_dir = Path(cache_dir)
-    shards = read_manifest(cache_dir).get("shards", {})
-    return {name: info for name, info in shards.items() if (cache_dir / name).is_file()}
+def same_input(recorded: dict, url: str) -> tuple[bool, dict]:
+    """Whether ``url`` holds the content ``recorded`` describes (see the module doc), and what
+    was looked at (for the message)."""
+    now = input_identity(url, content=False)
+    if "bytes" not in recorded or "bytes" not in now:
+        return True, now  # a remote shard: the name is all there is
+    if recorded["bytes"] != now["bytes"]:
+        return False, now
+    fingerprint = recorded.get("shards_fingerprint")
+    if fingerprint and fingerprint == now.get("shards_fingerprint"):
+        return True, now
+    now["sha256"] = file_sha256(Path(url).expanduser())
+    return recorded.get("sha256") == now["sha256"], now
 
 
-def record_finished(cache_dir: Path, name: str, entry: dict, header: dict) -> dict:
-    """Add a finished shard to ``manifest.json`` (atomic replace); returns the manifest."""
-    manifest = read_manifest(cache_dir)
-    manifest.update(header)
-    manifest.setdefault("shards", {})[name] = entry
-    manifest["samples"] = sum(s["samples"] for s in manifest["shards"].values())
-    write_json_atomic(cache_dir / MANIFEST, manifest)
-    return manifest
+def _describe(identity: dict) -> str:
+    parts = [f"{identity['bytes']} bytes"] if "bytes" in identity else []
+    if identity.get("shards_fingerprint"):
+        parts.append(f"shards fingerprint {identity['shards_fingerprint'][:12]}")
+    if identity.get("sha256"):
+        parts.append(f"sha256 {identity['sha256'][:12]}")
+    return f"{identity.get('url')} ({', '.join(parts) or 'no identity recorded'})"
 
 
-def remove_temp_files(cache_dir: Path) -> list[str]:
-    """Delete leftovers of interrupted writers (``*.tmp``); returns their names."""
-    stale = sorted(cache_dir.glob("*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return [p.name for p in stale]
+# ---------------------------------------------------------------- the cache folder
 
 
-# ---------------------------------------------------------------- writing one cache shard
+class TeacherCache:
+    """An existing cache folder: ``teacher.json`` read once, then checks and the joined stream.
+
+    * ``check(teacher)`` / ``check_parts(parts)``: refuse another teacher (each differing
+      fingerprint part named) or other fields;
+    * ``check_inputs(urls, gt_size)``: every input shard has a finished cache shard made from
+      the same content, and no random crop is asked for;
+    * ``shard_path(url)``, ``decode(members)``: used by the joined stage of
+      ``reader.make_train_loader(..., cache=self)``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        info = read_json(self.path / TEACHER_JSON)
+        if info is None:
+            raise ValueError(
+                f"{path} is not a teacher cache: {TEACHER_JSON} is missing (jobs/cache_teacher.py "
+                "writes it into <output>/<teacher fingerprint>/)"
+            )
+        if info.get("format") != FORMAT:
+            raise ValueError(
+                f"teacher cache {path} has format {info.get('format', 1)}, this version reads "
+                f"format {FORMAT}: re-run jobs/cache_teacher.py into a new output folder"
+            )
+        self.info = info
+        self.fingerprint: str = info["fingerprint"]
+        self.parts: dict = info["parts"]
+        self.noise_seed: int = info["noise_seed"]
+        self.draws: int = info["draws"]
+        self.outputs: tuple[str, ...] = tuple(info["outputs"])
+        self.stored: tuple[str, ...] = tuple(info["stored"])
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({str(self.path)!r})"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every float16 field of a sample: the outputs ([K, ...]), z_gt and the stored cond."""
+        return (*self.outputs, GT, *self.stored)
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        parts: dict,
+        *,
+        noise_seed: int,
+        draws: int,
+        outputs: Sequence[str],
+        stored: Sequence[str],
+    ) -> TeacherCache:
+        """Open ``root/<fingerprint>`` for writing, creating it (and its teacher.json) if new;
+        an existing one must hold this teacher's outputs with the same noise seed and draws."""
+        fingerprint = fingerprint_of(parts)
+        path = cache_dir_for(root, fingerprint)
+        path.mkdir(parents=True, exist_ok=True)
+        outputs, stored = list(outputs), list(stored)
+        check_field_names([*outputs, GT, *stored])
+        if not (path / TEACHER_JSON).exists():
+            info = {"format": FORMAT, "fingerprint": fingerprint, "parts": parts,
+                    "noise_seed": noise_seed, "draws": draws, "outputs": outputs,
+                    "stored": stored, "fields": [*outputs, GT, *stored]}  # fmt: skip
+            write_json_atomic(path / TEACHER_JSON, info)
+        cache = cls(path).check_parts(parts)
+        cache.check_fields(outputs, stored)
+        for key, value in (("noise_seed", noise_seed), ("draws", draws)):
+            if cache.info[key] != value:
+                raise ValueError(
+                    f"{path} was cached with {key}={cache.info[key]}, this run has {key}={value}: "
+                    f"use that {key} or another output folder"
+                )
+        return cache
+
+    # ---- which teacher ----------------------------------------------------------------------
+    def check(self, teacher) -> TeacherCache:
+        """Refuse a cache written by another teacher (``teachers.base.Teacher``)."""
+        self.check_parts(teacher.fingerprint_parts())
+        return self.check_fields(teacher.outputs, teacher.stored)
+
+    def check_parts(self, parts: dict) -> TeacherCache:
+        diffs = parts_differ(self.parts, parts)
+        if diffs:
+            raise ValueError(
+                f"teacher cache {self.path} was written by teacher {self.fingerprint}, not by "
+                f"the configured teacher {fingerprint_of(parts)}; they differ in: "
+                f"{'; '.join(diffs)}. Cache this teacher with jobs/cache_teacher.py or configure "
+                "the teacher the cache was made with."
+            )
+        return self
+
+    def check_fields(self, outputs: Sequence[str], stored: Sequence[str]) -> TeacherCache:
+        if (tuple(outputs), tuple(stored)) != (self.outputs, self.stored):
+            raise ValueError(
+                f"teacher cache {self.path} holds outputs {list(self.outputs)} and condition "
+                f"{list(self.stored)}, the teacher gives {list(outputs)} and {list(stored)}"
+            )
+        return self
+
+    # ---- which shards -----------------------------------------------------------------------
+    def manifest(self) -> dict:
+        """``manifest.json`` as it is now (the job updates it after every shard)."""
+        return read_json(self.path / MANIFEST) or {"shards": {}}
+
+    def finished(self) -> dict[str, dict]:
+        """Shards listed in the manifest whose file exists (a rename precedes the listing)."""
+        shards = self.manifest().get("shards", {})
+        return {name: e for name, e in shards.items() if (self.path / name).is_file()}
+
+    def shard_path(self, url: str) -> Path:
+        return self.path / shard_name(url)
+
+    def input_problems(self, urls: Sequence[str], done: dict[str, dict]) -> list[str]:
+        """One line per url whose finished cache shard was made from other content."""
+        problems = []
+        for url in urls:
+            recorded = done[shard_name(url)].get("input") or {}
+            same, now = same_input(recorded, url)
+            if not same:
+                problems.append(
+                    f"cache shard {shard_name(url)} was made from input shard "
+                    f"{_describe(recorded)}, but the input shard now is {_describe(now)}"
+                )
+        return problems
+
+    def check_inputs(self, urls: Sequence[str], gt_size: int | None = None) -> None:
+        """Refuse unless every input shard has a finished cache shard of the same content and
+        ``gt_size`` does not random-crop the stored gt (the cache holds the whole crop's)."""
+        done = self.finished()
+        names = shard_names(urls)
+        missing = [name for name in names if name not in done]
+        if missing:
+            raise ValueError(
+                f"teacher cache {self.path} lacks {len(missing)} of {len(urls)} input shard(s) "
+                f"(e.g. {', '.join(missing[:3])}): run jobs/cache_teacher.py on data.shards first"
+            )
+        problems = self.input_problems(urls, done)
+        if problems:
+            raise ValueError(
+                f"teacher cache {self.path} was made from other input shards under the same "
+                f"names: {'; '.join(problems)}. Train on the shards the cache was made from, or "
+                "cache these shards (jobs/cache_teacher.py with another output folder)."
+            )
+        for name in names:
+            stored_hw = done[name].get("gt_size")
+            if gt_size is not None and stored_hw and tuple(stored_hw) != (gt_size, gt_size):
+                raise ValueError(
+                    f"cache shard {name}: data.gt_size={gt_size} would random-crop the stored "
+                    f"{stored_hw[1]}x{stored_hw[0]} gt, but the teacher cache holds targets of "
+                    "the whole stored gt; set data.gt_size=null (or the stored size) when "
+                    "reading with a teacher cache"
+                )
+
+    # ---- samples ----------------------------------------------------------------------------
+    def decode(self, members: dict[str, bytes]) -> dict[str, torch.Tensor]:
+        """Tar members of one cache sample -> ``{field: float16 tensor, "seed": int64 [K]}``."""
+        missing = [f"{n}.npy" for n in (*self.fields, SEED) if f"{n}.npy" not in members]
+        if missing:
+            raise ValueError(f"cache sample lacks {', '.join(missing)}")
+        out = {name: _load_npy(members[f"{name}.npy"]) for name in (*self.fields, SEED)}
+        bad = [n for n in self.fields if out[n].dtype != np.float16]
+        bad += [n for n in self.outputs if out[n].ndim < 1 or out[n].shape[0] != self.draws]
+        if out[SEED].dtype != np.int64 or out[SEED].shape != (self.draws,):
+            bad.append(SEED)
+        if bad:
+            raise ValueError(
+                f"cache fields {sorted(set(bad))} do not have the cache's layout (float16; "
+                f"outputs and seed with {self.draws} draw(s) first)"
+            )
+        return {name: torch.from_numpy(value) for name, value in out.items()}
+
+    # ---- writing (the cache job) ------------------------------------------------------------
+    def record(self, name: str, entry: dict) -> dict:
+        """Add a finished shard to ``manifest.json`` (atomic replace); returns the manifest."""
+        manifest = self.manifest()
+        manifest.update(fingerprint=self.fingerprint, noise_seed=self.noise_seed, draws=self.draws)
+        manifest.setdefault("shards", {})[name] = entry
+        manifest["samples"] = sum(s["samples"] for s in manifest["shards"].values())
+        write_json_atomic(self.path / MANIFEST, manifest)
+        return manifest
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete leftovers of interrupted writers (``*.tmp``); returns their names."""
+        stale = sorted(self.path.glob("*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return [p.name for p in stale]
+
+    def write_shard(
+        self, url: str, fields_fn: FieldsFn, *, batch_size: int, scale: int | None
+    ) -> dict:
+        """Run ``fields_fn`` over every decodable sample of input shard ``url`` (in order, in
+        batches) and write its cache shard atomically. Returns the manifest entry. Corrupt
+        samples are skipped and counted, as the joined reader skips them; a shard without any
+        readable sample raises (it may be a transient read error, so it is not cached empty)."""
+        identity = input_identity(url)
+        counter = SkipCounter()
+        samples, gt_hw, shapes = 0, None, {}
+        with CacheShardWriter(self.shard_path(url)) as sink:
+            for batch in _batches(iter_samples(url, scale=scale, counter=counter), batch_size):
+                fields = fields_fn(batch)
+                for i, key in enumerate(batch["__key__"]):
+                    sink.write(self.encode(key, fields, i))
+                samples += len(batch["__key__"])
+                gt_hw = list(batch["gt"].shape[-2:])
+                shapes = {n: list(fields[n].shape[1:]) for n in self.fields}
+            if samples == 0:  # raising discards the temp file: the job retries, then reports it
+                raise ValueError(
+                    f"input shard {url} has no readable sample ({counter.total} errors)"
+                )
+        return {"samples": samples, "skipped": counter.total, "input": identity,
+                "gt_size": gt_hw, "shapes": shapes}  # fmt: skip
+
+    def encode(self, key: str, fields: dict, i: int) -> dict:
+        """Sample ``i`` of a fields batch -> tar members (see the module doc)."""
+        members = {"__key__": key}
+        for name in self.fields:
+            members[f"{name}.npy"] = _npy_bytes(fields[name][i], np.float16)
+        members[f"{SEED}.npy"] = _npy_bytes(fields[SEED][i], np.int64)
+        return members
+
+
+def check_field_names(names: Sequence[str]) -> None:
+    """Field names become tar member names ``<key>.<name>.npy``: no clashes, no path parts."""
+    bad = [n for n in names if not n or "/" in n or n == SEED or n.startswith(".")]
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if bad or dupes:
+        raise ValueError(f"teacher cache field names {list(names)}: bad {bad}, repeated {dupes}")
 
 
 class CacheShardWriter(AtomicTarWriter):
@@ -144,54 +389,16 @@ class CacheShardWriter(AtomicTarWriter):
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
+def _npy_bytes(value, dtype) -> bytes:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
     buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(value, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
-def encode_cache_sample(key: str, fields: dict, i: int) -> dict:
-    """Sample ``i`` of a targets batch -> tar members (latents as float16 .npy)."""
-    sample = {"__key__": key, "seed.txt": str(int(fields["seed"][i])).encode()}
-    for name in LATENTS:
-        value = fields[name][i]
-        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        sample[f"{name}.npy"] = npy_bytes(np.ascontiguousarray(value, dtype=np.float16))
-    return sample
-
-
-def decode_cache_fields(sample: dict) -> dict:
-    missing = [f for f in CACHE_FIELDS if f not in sample]
-    if missing:
-        raise ValueError(f"cache sample lacks {', '.join(missing)}")
-    out = {name: np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False) for name in LATENTS}
-    bad = [n for n, v in out.items() if v.dtype != np.float16 or v.ndim != 3]
-    if bad:
-        raise ValueError(f"cache fields {bad} are not float16 [C, H, W]")
-    out["seed"] = int(sample["seed.txt"])
-    return out
-
-
-def write_cache_shard(
-    url: str, path: Path, targets_fn: TargetsFn, *, batch_size: int, scale: int
-) -> dict:
-    """Run ``targets_fn`` over every decodable sample of input shard ``url`` (in order, in
-    batches) and write cache shard ``path`` atomically. Returns the manifest entry. Corrupt
-    samples are skipped and counted, as the joined reader skips them; a shard without any
-    readable sample raises (it may be a transient read error, so it is not cached empty)."""
-    counter = SkipCounter()
-    samples, gt_hw, latent = 0, None, None
-    with CacheShardWriter(path) as sink:
-        for batch in _batches(iter_samples(url, scale=scale, counter=counter), batch_size):
-            fields = targets_fn(batch)
-            for i, key in enumerate(batch["__key__"]):
-                sink.write(encode_cache_sample(key, fields, i))
-            samples += len(batch["__key__"])
-            gt_hw, latent = list(batch["gt"].shape[-2:]), list(fields["z0"].shape[1:])
-        if samples == 0:  # raising discards the temp file: the job retries, then reports it
-            raise ValueError(f"input shard {url} has no readable sample ({counter.total} errors)")
-    return {"samples": samples, "skipped": counter.total, "input": url, "gt_size": gt_hw,
-            "latent_shape": latent}  # fmt: skip
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _batches(samples: Iterator[dict], batch_size: int) -> Iterator[dict]:
@@ -203,159 +410,3 @@ def _batches(samples: Iterator[dict], batch_size: int) -> Iterator[dict]:
             group = []
     if group:
         yield collate(group)
-
-
-# ---------------------------------------------------------------- the joined reader
-
-
-def _read_tar(url: str, counter: SkipCounter, failed: list) -> Iterator[dict]:
-    """Raw samples of one shard; a read error is counted once and recorded in ``failed``."""
-
-    def handler(exn: Exception) -> bool:
-        if not failed:
-            counter.skip(url, None, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
-        failed.append(exn)
-        return True
-
-    yield from wds.tarfile_samples([{"url": url}], handler=handler)
-
-
-def _is_corrupt(sample: dict) -> str | None:
-    try:
-        decode_fields(sample)
-    except Exception as err:  # any decoder error: the cache job skipped this sample too
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def _join_shard(url: str, cache_url: str, counter: SkipCounter) -> Iterator[dict]:
-    """Input and cache samples of one shard pair, joined by key (see the module doc)."""
-    in_failed, cache_failed = [], []
-    cache = _read_tar(cache_url, counter, cache_failed)
-    cached = next(cache, None)
-    for sample in _read_tar(url, counter, in_failed):
-        key = sample["__key__"]
-        if cached is not None and cached["__key__"] == key:
-            yield {**sample, **{f: cached[f] for f in CACHE_FIELDS if f in cached},
-                   "__cache_url__": cache_url}  # fmt: skip
-            cached = next(cache, None)
-            continue
-        reason = _is_corrupt(sample)
-        if reason is not None:
-            counter.skip(url, key, reason)
-        elif cached is None and cache_failed:
-            return  # the cache shard is unreadable from here on (counted once)
-        else:
-            other = "nothing (the cache shard ended)" if cached is None else cached["__key__"]
-            raise ValueError(
-                f"teacher cache out of step with the input: input shard {url} has sample {key} "
-                f"where cache shard {cache_url} has {other}; re-run jobs/cache_teacher.py on "
-                "these shards"
-            )
-    if cached is not None and not in_failed:
-        raise ValueError(
-            f"teacher cache out of step with the input: cache shard {cache_url} has sample "
-            f"{cached['__key__']} after the last sample of input shard {url}"
-        )
-
-
-def _read_joined(src, counter: SkipCounter, cache_dir: Path):
-    for item in src:
-        counter.shard_opened(item["url"])
-        yield from _join_shard(item["url"], str(cache_dir / shard_name(item["url"])), counter)
-
-
-def _decode_joined(src, counter: SkipCounter, scale: int, gt_size: int | None):
-    """Joined raw samples -> ``{__key__, __url__, gt, lq, meta, z0, z_y, z_gt, seed}``."""
-    for sample in src:
-        url, key = sample.get("__url__"), sample.get("__key__")
-        try:
-            gt, lq, meta = decode_fields(sample)
-            cached = decode_cache_fields(sample)
-        except Exception as err:  # any decoder error: the pair is corrupt
-            counter.skip(url, key, f"{type(err).__name__}: {err}")
-            continue
-        check_scale(gt, lq, scale, f"shard {url} sample {key}")
-        check_gt_size(gt_size, gt.shape[:2], f"shard {url} sample {key}")
-        counter.good()
-        latents = {name: torch.from_numpy(cached[name]) for name in LATENTS}
-        yield {"__key__": key, "__url__": url, "gt": to_tensor(gt), "lq": to_tensor(lq),
-               "meta": meta, "seed": cached["seed"], **latents}  # fmt: skip
-
-
-def check_gt_size(gt_size: int | None, stored_hw: Sequence[int], where: str) -> None:
-    if gt_size is not None and tuple(stored_hw) != (gt_size, gt_size):
-        raise ValueError(
-            f"{where}: data.gt_size={gt_size} would random-crop the stored {stored_hw[1]}x"
-            f"{stored_hw[0]} gt, but the teacher cache holds latents of the whole stored gt; "
-            "set data.gt_size=null (or the stored size) when reading with a teacher cache"
-        )
-
-
-def collate_joined(samples: list[dict], skipped: int = 0, fingerprint: str = "") -> dict:
-    """``reader.collate`` + ``batch["cache"] = {z0, z_y, z_gt (float16 [B,C,H,W]), seed [B],
-    fingerprint}``."""
-    batch = collate(samples, skipped=skipped)
-    cache = {name: torch.stack([s[name] for s in samples]) for name in LATENTS}
-    cache["seed"] = torch.tensor([s["seed"] for s in samples], dtype=torch.int64)
-    batch["cache"] = {**cache, "fingerprint": fingerprint}
-    return batch
-
-
-def _batch_joined(src, counter: SkipCounter, batch_size: int, fingerprint: str):
-    for group in iter(lambda: [s for _, s in zip(range(batch_size), src)], []):
-        if len(group) == batch_size:
-            yield collate_joined(group, skipped=counter.take(), fingerprint=fingerprint)
-
-
-def check_cache_covers(cache_dir: Path, urls: list[str], gt_size: int | None) -> str:
-    """The cache's fingerprint, after checking it holds a finished shard for every input."""
-    info = read_teacher_info(cache_dir)
-    done = finished_shards(cache_dir)
-    missing = [name for name in shard_names(urls) if name not in done]
-    if missing:
-        raise ValueError(
-            f"teacher cache {cache_dir} lacks {len(missing)} of {len(urls)} input shard(s) "
-            f"(e.g. {', '.join(missing[:3])}): run jobs/cache_teacher.py on data.shards first"
-        )
-    for name in shard_names(urls):
-        if done[name].get("gt_size"):
-            check_gt_size(gt_size, done[name]["gt_size"], f"cache shard {name}")
-    return info["fingerprint"]
-
-
-def make_joined_loader(
-    data_cfg: DataConfig,
-    cache_dir: str | Path,
-    *,
-    rank: int,
-    world_size: int,
-    steps: int,
-    seed: int,
-    start_step: int = 0,
-) -> TrainLoader:
-    """``reader.make_train_loader`` whose batches also carry ``batch["cache"]`` (see
-    ``collate_joined``): exactly ``steps`` batches per rank from resampled shard pairs."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    problems = data_cfg.validate()
-    if problems:
-        raise ConfigError([(f"data.{key}", msg) for key, msg in problems], "data config")
-    cache_dir = Path(cache_dir).expanduser()
-    urls = list_shards(data_cfg.shards)
-    fingerprint = check_cache_covers(cache_dir, urls, data_cfg.gt_size)
-    stream_seed = stable_seed(seed, rank, start_step)
-    workers = max(data_cfg.num_workers, 1)
-    counter = SkipCounter(max_dry=1000 + data_cfg.shuffle)
-    dataset = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=stream_seed, worker_seed=_worker_index, deterministic=True),
-        functools.partial(_read_joined, counter=counter, cache_dir=cache_dir),
-        functools.partial(_shuffle, bufsize=data_cfg.shuffle, seed=stream_seed),
-        functools.partial(
-            _decode_joined, counter=counter, scale=data_cfg.scale, gt_size=data_cfg.gt_size
-        ),
-        functools.partial(
-            _batch_joined, counter=counter, batch_size=data_cfg.batch_size, fingerprint=fingerprint
-        ),
-    ).with_epoch(nbatches=math.ceil(steps / workers))
-    return TrainLoader(dataset, steps, data_cfg.num_workers)

@@ -11,6 +11,14 @@ the ``"skipped"`` field of the next batch the same process yields, so summing th
 the batches gives the total with or without worker processes; ``TrainLoader.skipped`` holds
 the running sum. A stream that gives no usable sample for a long while raises instead of
 spinning forever.
+
+One pipeline, built as a list of stages (open_clip's ``get_wds_dataset`` style): resampled
+shard urls -> read -> [join the teacher cache] -> shuffle -> decode -> batch. With a
+``data.cache.TeacherCache`` the join stage is added: input shard i and its cache shard are read
+in lockstep and joined by ``__key__`` before the shuffle, and each batch carries
+``batch["cache"] = {field: [B, ...], "seed": int64 [B, K], "fingerprint": str}``. An input
+sample missing from the cache is skipped and counted if it is corrupt (the cache job skipped it
+too); otherwise the pairing is wrong and a ``ValueError`` names both shard urls and both keys.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from distsr.config import ConfigError
 from distsr.data.config import DataConfig
-from distsr.data.shards import stable_seed
+from distsr.data.imageio import to_tensor
+from distsr.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 FIELDS = ("gt.png", "lq.png", "meta.json")
@@ -66,7 +75,7 @@ def _expand(pattern: str) -> list[str]:
             found += sorted(str(p) for p in path.glob("*.tar"))
         elif any(c in item for c in "*?["):
             found += sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
-        elif path.is_file():
+        elif path.exists():  # a file, or a named pipe that streams one
             found.append(str(path))
         elif item != pattern:
             raise ValueError(f"shard {item} (from pattern {pattern!r}) does not exist")
@@ -124,14 +133,19 @@ def _worker_index() -> int:
 
 
 def _read_shards(src, counter: SkipCounter):
-    """``{url}`` -> raw samples; a shard that fails to open/read is skipped from there on."""
-    for item in src:
+    """``{url}`` -> raw samples; a shard that fails to open/read is skipped from there on.
+    Each sample is tagged with ``__pass__``, the number of the shard read it came from (a
+    resampled stream may read the same shard twice in a row)."""
+    for n, item in enumerate(src):
         counter.shard_opened(item["url"])
-        yield from _read_one(item["url"], counter)
+        for sample in _read_one(item["url"], counter):
+            sample["__pass__"] = n
+            yield sample
 
 
-def _read_one(url: str, counter: SkipCounter):
-    failed = []
+def _read_one(url: str, counter: SkipCounter, failed: list | None = None):
+    """Raw samples of one shard; a read error is counted once and recorded in ``failed``."""
+    failed = [] if failed is None else failed
 
     def handler(exn: Exception) -> bool:
         if not failed:  # one read error (tarfile may raise twice) -> one skip
@@ -142,6 +156,45 @@ def _read_one(url: str, counter: SkipCounter):
     yield from wds.tarfile_samples([{"url": url}], handler=handler)
 
 
+def _join_cache(src, cache, counter: SkipCounter):
+    """Raw input samples -> the same with ``__cache__``: the members of the sample of the same
+    key in the cache shard of its input shard, read in lockstep (see the module doc)."""
+    current, dead, cached, reader, failed, cache_url = None, None, None, iter(()), [], ""
+    for sample in src:
+        url, key, n = sample["__url__"], sample["__key__"], sample["__pass__"]
+        if n == dead:
+            continue  # the rest of a shard whose cache shard is unreadable (counted once)
+        if n != current:
+            current, failed, cache_url = n, [], str(cache.shard_path(url))
+            reader = _read_one(cache_url, counter, failed)
+            cached = next(reader, None)
+        if cached is not None and cached["__key__"] == key:
+            sample["__cache__"] = {k: v for k, v in cached.items() if not k.startswith("__")}
+            cached = next(reader, None)
+            yield sample
+            continue
+        reason = _is_corrupt(sample)
+        if reason is not None:
+            counter.skip(url, key, reason)
+        elif cached is None and failed:
+            dead = n
+        else:
+            other = "nothing (the cache shard ended)" if cached is None else cached["__key__"]
+            raise ValueError(
+                f"teacher cache out of step with the input: input shard {url} has sample {key} "
+                f"where cache shard {cache_url} has {other}; re-run jobs/cache_teacher.py on "
+                "these shards"
+            )
+
+
+def _is_corrupt(sample: dict) -> str | None:
+    try:
+        decode_fields(sample)
+    except Exception as err:  # any decoder error: the cache job skipped this sample too
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _shuffle(src, bufsize: int, seed: int):
     if bufsize <= 1:
         yield from src
@@ -150,13 +203,16 @@ def _shuffle(src, bufsize: int, seed: int):
     yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(src)
 
 
-def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, seed: int):
-    """Raw samples -> ``{__key__, __url__, gt, lq, meta}`` (float32 CHW in [0, 1])."""
+def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, seed: int,
+            cache=None):  # fmt: skip
+    """Raw samples -> ``{__key__, __url__, gt, lq, meta}`` (float32 CHW in [0, 1]), plus
+    ``cache`` (the decoded cache fields) when reading with a teacher cache."""
     rng = random.Random(stable_seed(seed, _worker_index(), "crop"))
     for sample in src:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
             gt, lq, meta = decode_fields(sample)
+            cached = cache.decode(sample["__cache__"]) if cache is not None else None
         except Exception as err:  # any decoder error: this sample is corrupt
             counter.skip(url, key, f"{type(err).__name__}: {err}")
             continue
@@ -165,13 +221,11 @@ def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, s
         if gt_size is not None:
             gt, lq = paired_crop(gt, lq, gt_size, scale, rng)
         counter.good()
-        yield {
-            "__key__": key,
-            "__url__": url,
-            "gt": to_tensor(gt),
-            "lq": to_tensor(lq),
-            "meta": meta,
-        }
+        out = {"__key__": key, "__url__": url, "gt": to_tensor(gt), "lq": to_tensor(lq),
+               "meta": meta}  # fmt: skip
+        if cached is not None:
+            out["cache"] = cached
+        yield out
 
 
 def decode_fields(sample: dict) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -212,27 +266,32 @@ def paired_crop(gt, lq, gt_size: int, scale: int, rng: random.Random):
     return gt, lq
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
-
-
-def _batch(src, counter: SkipCounter, batch_size: int):
+def _batch(src, counter: SkipCounter, batch_size: int, cache=None):
     for group in iter(lambda: list(itertools.islice(src, batch_size)), []):
         if len(group) == batch_size:
-            yield collate(group, skipped=counter.take())
+            batch = collate(group, skipped=counter.take())
+            if cache is not None:
+                batch["cache"]["fingerprint"] = cache.fingerprint
+            yield batch
 
 
 def collate(samples: list[dict], skipped: int = 0) -> dict:
+    """Stack samples into a batch; their ``cache`` fields (if any) into ``batch["cache"]``."""
     shapes = {(s["gt"].shape, s["lq"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(f"samples of different sizes {sorted(shapes)}: set data.gt_size to crop")
-    return {
+    batch = {
         "gt": torch.stack([s["gt"] for s in samples]),
         "lq": torch.stack([s["lq"] for s in samples]),
         "__key__": [s["__key__"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "skipped": skipped,
     }
+    if "cache" in samples[0]:
+        batch["cache"] = {
+            k: torch.stack([s["cache"][k] for s in samples]) for k in samples[0]["cache"]
+        }
+    return batch
 
 
 # ---------------------------------------------------------------- loaders
@@ -262,28 +321,51 @@ class TrainLoader:
 
 
 def make_train_loader(
-    cfg: DataConfig, *, rank: int, world_size: int, steps: int, seed: int, start_step: int = 0
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    steps: int,
+    seed: int,
+    start_step: int = 0,
+    cache=None,
 ) -> TrainLoader:
     """Exactly ``steps`` batches ``{gt [B,3,H,W], lq [B,3,h,w] float32 in [0,1], __key__,
-    meta, skipped}`` for this rank, from shards resampled with a per-rank seed."""
+    meta, skipped}`` for this rank, from shards resampled with a per-rank seed. With ``cache``
+    (a ``data.cache.TeacherCache``, checked to cover every shard first) each batch also
+    carries ``batch["cache"]`` (see the module doc)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     problems = cfg.validate()
     if problems:
         raise ConfigError([(f"data.{key}", msg) for key, msg in problems], "data config")
     urls = list_shards(cfg.shards)
+    gt_size = cfg.gt_size
+    if cache is not None:
+        cache.check_inputs(urls, gt_size)  # the same inputs; no random crop of cached targets
+        gt_size = None
     stream_seed = stable_seed(seed, rank, start_step)
-    workers = max(cfg.num_workers, 1)
     counter = SkipCounter(max_dry=1000 + cfg.shuffle)
-    dataset = wds.DataPipeline(
+    stages = [
         wds.ResampledShards(urls, seed=stream_seed, worker_seed=_worker_index, deterministic=True),
         functools.partial(_read_shards, counter=counter),
+    ]
+    if cache is not None:
+        stages.append(functools.partial(_join_cache, cache=cache, counter=counter))
+    stages += [
         functools.partial(_shuffle, bufsize=cfg.shuffle, seed=stream_seed),
         functools.partial(
-            _decode, counter=counter, scale=cfg.scale, gt_size=cfg.gt_size, seed=stream_seed
-        ),
-        functools.partial(_batch, counter=counter, batch_size=cfg.batch_size),
-    ).with_epoch(nbatches=math.ceil(steps / workers))
+            _decode,
+            counter=counter,
+            scale=cfg.scale,
+            gt_size=gt_size,
+            seed=stream_seed,
+            cache=cache,
+        ),  # fmt: skip
+        functools.partial(_batch, counter=counter, batch_size=cfg.batch_size, cache=cache),
+    ]
+    workers = max(cfg.num_workers, 1)
+    dataset = wds.DataPipeline(*stages).with_epoch(nbatches=math.ceil(steps / workers))
     return TrainLoader(dataset, steps, cfg.num_workers)
 
 

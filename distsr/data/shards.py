@@ -40,19 +40,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from distsr.config import ConfigError, to_dict
-from distsr.data.bundled import expand_bundled
 from distsr.data.config import ShardsConfig
 from distsr.data.degradation import degrade
+from distsr.data.imageio import list_images
+from distsr.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _NOT_IN_FINGERPRINT = ("inputs", "output", "workers")  # where things are, not what they are
-
-
-def stable_seed(*parts: int | str) -> int:
-    """A 63-bit seed from ints/strings, the same in every process and Python run."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -72,28 +67,6 @@ class Plan:
 
 
 # ---------------------------------------------------------------- planning
-
-
-def list_images(inputs: list[str], extensions: list[str]) -> list[Path]:
-    """Image files under folders (recursive), globs or file paths; stable order, no repeats."""
-    exts = {e.lower() for e in extensions}
-    found: dict[Path, None] = {}
-    for spec in inputs:
-        path = Path(spec).expanduser()
-        bundled = expand_bundled(spec)
-        if bundled is not None:
-            matches = bundled
-        elif path.is_dir():
-            matches = sorted(path.rglob("*"))
-        elif any(c in spec for c in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-        else:
-            matches = [path]
-        matches = [p for p in matches if p.suffix.lower() in exts and p.is_file()]
-        if not matches:
-            raise ValueError(f"inputs: {spec!r} holds no image file ({', '.join(sorted(exts))})")
-        found.update(dict.fromkeys(matches))
-    return list(found)
 
 
 def image_keys(paths: list[Path]) -> list[str]:

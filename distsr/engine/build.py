@@ -8,10 +8,40 @@ import deepspeed
 import torch
 from torch import nn
 
-from distsr.engine.config import EngineConfig
+from distsr.engine.config import EngineConfig, OptimizerConfig, SchedulerConfig
 from distsr.engine.context import DistContext
 from distsr.engine.deepspeed_config import deepspeed_config
 from distsr.engine.schedule import build_scheduler
+
+
+def engine_config(cfg: EngineConfig, overrides: dict | None = None) -> EngineConfig:
+    """The engine config one trainable module gets (``Recipe.optimizer_overrides``): top-level
+    keys replace ``optimizer`` fields (e.g. ``{"lr": 1e-4}``); ``scheduler`` holds fields of its
+    own LR schedule, e.g. ``{"scheduler": {"kind": "constant", "warmup_steps": 0}}``: the base
+    lr from the first step while the other engines warm up (TAD-SR's official discriminator)."""
+    if not overrides:
+        return cfg
+    opt = dict(overrides)
+    sched = dict(opt.pop("scheduler", None) or {})
+    problems = _unknown_keys(opt, OptimizerConfig, "") + _unknown_keys(
+        sched, SchedulerConfig, "scheduler."
+    )
+    if not problems:
+        cfg = dataclasses.replace(
+            cfg,
+            optimizer=dataclasses.replace(cfg.optimizer, **opt),
+            scheduler=dataclasses.replace(cfg.scheduler, **sched),
+        )
+        problems = [f"{k}: {m}" for k, m in cfg.optimizer.validate()]
+        problems += [f"scheduler.{k}: {m}" for k, m in cfg.scheduler.validate()]
+    if problems:
+        raise ValueError("bad per-engine optimizer overrides: " + "; ".join(problems))
+    return cfg
+
+
+def _unknown_keys(values: dict, cls: type, prefix: str) -> list[str]:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    return [f"{prefix}{k}: unknown (valid: {', '.join(valid)})" for k in values if k not in valid]
 
 
 def build_optimizer(module: nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
@@ -27,9 +57,8 @@ def build_engine(
     module: nn.Module, cfg: EngineConfig, micro_batch: int, ctx: DistContext, overrides=None
 ):
     """A DeepSpeed engine around ``module``; the LR schedule steps with the engine.
-    ``overrides`` changes optimizer fields for this engine only (e.g. a discriminator's lr)."""
-    if overrides:
-        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **overrides))
+    ``overrides`` changes the optimizer and LR schedule of this engine only (``engine_config``)."""
+    cfg = engine_config(cfg, overrides)
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     module = module.to(ctx.device)
     optimizer = build_optimizer(module, cfg)

@@ -25,6 +25,10 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
+    """Linear warm-up over ``warmup_steps``, then ``kind``; ``warmup_steps: 0`` with ``kind:
+    constant`` keeps the base lr from the first step (e.g. TAD-SR's discriminator, whose lr the
+    official code never adjusts, set per engine through ``Recipe.optimizer_overrides``)."""
+
     kind: Literal["constant", "cosine", "linear", "step"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine/linear: final lr = lr * min_lr_ratio
@@ -59,7 +63,7 @@ class EngineConfig:
     max_steps: int = 1000  # optimizer steps (after gradient accumulation)
     zero_stage: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip: float | None = 1.0  # max global gradient norm; 0 or null: no clipping
     grad_accum: int = 1
     ema_decay: float | None = None  # EMA of the trainable weights the recipe names
     log_every: int = 10
@@ -79,7 +83,7 @@ class EngineConfig:
             problems.append(("max_steps", f"must be >= 1, got {self.max_steps}"))
         if self.grad_accum < 1:
             problems.append(("grad_accum", f"must be >= 1, got {self.grad_accum}"))
-        if self.grad_clip < 0:
+        if self.grad_clip is not None and self.grad_clip < 0:
             problems.append(("grad_clip", f"must be >= 0, got {self.grad_clip}"))
         if self.max_nonfinite_in_row < 1:
             problems.append(("max_nonfinite_in_row", "must be >= 1"))

@@ -16,7 +16,8 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, world_size: int) -> di
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": micro_batch * cfg.grad_accum * world_size,
-        "gradient_clipping": cfg.grad_clip,
+        # always written: DeepSpeed clips at norm 1.0 when the key is absent; 0.0 turns it off
+        "gradient_clipping": float(cfg.grad_clip or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": False},

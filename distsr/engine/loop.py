@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distsr.config import from_dict
 from distsr.engine.build import build_engine, build_frozen_engine
 from distsr.engine.checkpoint import load_state, save_state, step_name
 from distsr.engine.context import DistContext
@@ -19,7 +18,7 @@ from distsr.engine.export import export_weights
 from distsr.engine.metrics import MetricLogger
 from distsr.engine.status import RunStatus
 from distsr.registry import get_recipe
-from distsr.runconfig import RunConfig, method_config
+from distsr.runconfig import RunConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -35,7 +34,7 @@ class Trainer:
         self.cfg, self.ctx, self.store = cfg, ctx, store
         seed_everything(cfg.seed + 1000 * ctx.rank)
         dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-        self.recipe = get_recipe(cfg.recipe)(method_config(cfg), device=ctx.device, dtype=dtype)
+        self.recipe = get_recipe(cfg.recipe)(cfg.method, device=ctx.device, dtype=dtype)
         overrides = self.recipe.optimizer_overrides()
         self.engines = {
             name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx, overrides.get(name))
@@ -111,15 +110,17 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(17)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on EVERY rank (flag all-reduced, so all ranks agree)."""
+    def all_finite(self, update) -> bool:
+        """True when the update's loss and guards are finite on EVERY rank (flag all-reduced,
+        so all ranks agree)."""
         dbg = self.cfg.debug
+        finite = update.finite()
         if self.step in dbg.nonfinite_at_steps and self.ctx.rank == dbg.nonfinite_rank:
             injected = self.injected_nonfinite.get(self.step, 0)
             if injected < dbg.nonfinite_repeat:
                 self.injected_nonfinite[self.step] = injected + 1
-                loss = loss * float("nan")
-        flag = torch.isfinite(loss.detach()).all().float().reshape(1)
+                finite = False
+        flag = torch.tensor([float(finite)], device=update.loss.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
@@ -132,7 +133,7 @@ class Trainer:
     def micro_step(self, batch: dict) -> bool:
         """Apply the recipe's updates in order; False (nothing more applied) on a NaN/inf loss."""
         for update in self.recipe.training_step(batch, self.step):
-            if not self.all_finite(update.loss):
+            if not self.all_finite(update):
                 return False
             engine = self.engines[update.engine]
             engine.backward(update.loss)
@@ -170,8 +171,10 @@ class Trainer:
         self.maybe_inject_failure("step")
         final = self.step == cfg.engine.max_steps
         if self.step % cfg.engine.log_every == 0 or final:
-            lr = self.engines[next(iter(self.engines))].get_lr()[0]
-            extra = {"lr": lr, "skipped_samples": self.skipped, "nonfinite_steps": self.nonfinite}
+            # lr per engine; "lr" is the last engine's (the student's, after its discriminator)
+            lrs = {f"lr/{name}": engine.get_lr()[0] for name, engine in self.engines.items()}
+            extra = {"lr": list(lrs.values())[-1], **lrs, "skipped_samples": self.skipped,
+                     "nonfinite_steps": self.nonfinite}  # fmt: skip
             self.last = self.logger.flush(self.step, extra)
             self.status.update(state="running", step=self.step, skipped_samples=self.skipped,
                                nonfinite_steps=self.nonfinite, eta_s=self.logger.eta_s)  # fmt: skip
@@ -224,7 +227,6 @@ class Trainer:
         return self.last
 
 
-def train_worker(cfg_dict: dict, ctx: DistContext, store) -> dict:
-    """Entry point of one worker: build everything from the plain-dict config and train."""
-    cfg = from_dict(RunConfig, cfg_dict, source="run config")
+def train_worker(cfg: RunConfig, ctx: DistContext, store) -> dict:
+    """Entry point of one worker: build everything from the driver's parsed config and train."""
     return Trainer(cfg, ctx, store).run()

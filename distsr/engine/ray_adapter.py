@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from distsr.engine.checkpoint import step_name
 from distsr.engine.context import from_environment
 from distsr.engine.loop import train_worker
-from distsr.runconfig import RunConfig, to_dict
+from distsr.runconfig import RunConfig
 
 COMPLETE = "COMPLETE"  # written by rank 0 once every rank's upload of a checkpoint returned
 
@@ -73,8 +73,9 @@ class RayStore:
 
 
 def _ray_worker(config: dict) -> None:
+    cfg: RunConfig = config["run_config"]  # parsed on the driver, pickled by Ray
     ctx = from_environment()
-    train_worker(config, ctx, RayStore(ctx.rank, Path(config["output_dir"]) / config["name"]))
+    train_worker(cfg, ctx, RayStore(ctx.rank, cfg.run_dir))
 
 
 def fit(cfg: RunConfig):
@@ -85,7 +86,7 @@ def fit(cfg: RunConfig):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"run_config": cfg},
         scaling_config=RayScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),

@@ -7,10 +7,16 @@ Every function takes the per-scale logits of ``TimeAwareDiscriminator`` (a list,
     L_D   = E[ sum_k relu(1 + D_k(fake)) ] + E[ sum_k relu(1 - D_k(real)) ]      (Eq. 12)
     L_G   = - E[ sum_k D_k(fake) ]                                               (Eq. 11)
 
-E is the mean over the batch and over each head's logits (tokens), the sum runs over heads
-(``heads="sum"``). The official code (LearningHx/TAD-SR ``training_losses_D``) instead
-concatenates all heads' logits and takes one mean (``heads="concat_mean"``): each head then
-weighs by its share of all logits, and the total is about 1/K of the paper's sum over K heads.
+E is the mean over the batch and over each head's logits (tokens). ``heads`` picks how the K
+heads are combined:
+
+* ``"sum"``: the sum over heads of Eq. 11-12;
+* ``"mean"``: the mean of the heads' means (= sum / K), how the paper's text after Eq. 10
+  describes the output (an average over the heads);
+* ``"concat_mean"``: the official code (LearningHx/TAD-SR ``training_losses_D`` and the GAN
+  term of ``training_losses_distill``): all heads' logits concatenated and one mean taken, so
+  each head weighs by its share of all logits (at 256^2 crops the first head holds 1024 of the
+  1472 tokens) and the total is about 1/K of the sum.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ["d_hinge_loss", "d_hinge_terms", "g_adv_loss"]
 
-HeadReduction = Literal["sum", "concat_mean"]
+HeadReduction = Literal["sum", "mean", "concat_mean"]
 
 
 def _check(logits: list[torch.Tensor], name: str) -> None:
@@ -35,11 +41,12 @@ def _check(logits: list[torch.Tensor], name: str) -> None:
 
 
 def _reduce(terms: list[torch.Tensor], heads: HeadReduction) -> torch.Tensor:
-    if heads == "sum":
-        return torch.stack([x.float().mean() for x in terms]).sum()
+    if heads in ("sum", "mean"):
+        per_head = torch.stack([x.float().mean() for x in terms])
+        return per_head.sum() if heads == "sum" else per_head.mean()
     if heads == "concat_mean":
         return torch.cat([x.float().flatten(1) for x in terms], dim=1).mean()
-    raise ValueError(f"heads must be 'sum' or 'concat_mean', got {heads!r}")
+    raise ValueError(f"heads must be 'sum', 'mean' or 'concat_mean', got {heads!r}")
 
 
 def d_hinge_terms(

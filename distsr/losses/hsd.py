@@ -24,10 +24,9 @@ from typing import Literal
 
 import torch
 
-from distsr.diffusion.resshift import DenoiseFn, ResShiftDiffusion
-
 __all__ = [
     "hsd_gradient",
+    "hsd_gradient_snr",
     "hsd_loss",
     "hsd_noise",
     "hsd_timestep_count",
@@ -63,38 +62,36 @@ def hsd_gradient(
     teacher / student outputs. ``eta_t`` is eta at t' (a float or per-sample [B]); ``w``
     defaults to 1 / (C * S) (C channels, S spatial positions), also a float or [B].
     """
-    shapes = {tuple(x.shape) for x in (z0_stu, z0_tch, x0_tch_noised, x0_stu_noised)}
-    if len(shapes) != 1:
-        raise ValueError(f"HSD inputs must share one shape, got {sorted(shapes)}")
-    if z0_stu.ndim < 2:
-        raise ValueError(f"HSD inputs must be [B, C, ...], got shape {tuple(z0_stu.shape)}")
     if not kappa > 0:
         raise ValueError(f"kappa must be > 0, got {kappa!r}")
     eta = _per_sample(eta_t, z0_stu, "eta_t")
     if not bool(((eta > 0) & (eta <= 1)).all()):
         raise ValueError(f"eta_t must lie in (0, 1], got {eta.flatten().tolist()}")
+    ratio = (1 - eta) / (eta.sqrt() * kappa)  # ResShift's sqrt(SNR) at t'
+    return hsd_gradient_snr(z0_stu, z0_tch, x0_tch_noised, x0_stu_noised, ratio, w)
+
+
+def hsd_gradient_snr(z0_stu, z0_tch, x0_tch_noised, x0_stu_noised, sqrt_snr, w=None):
+    """g = w sqrt_snr (z0_stu - z0_tch + F(z_t'^tch) - F(z_t'^stu)) for any diffusion with
+    z_t = a_t z0 + ... + sigma_t eps (sqrt_snr = a_t / sigma_t; ResShift: (1 - eta) /
+    (kappa sqrt(eta)), paper Eq. 8). ``sqrt_snr`` and ``w`` are floats or per-sample."""
+    shapes = {tuple(x.shape) for x in (z0_stu, z0_tch, x0_tch_noised, x0_stu_noised)}
+    if len(shapes) != 1:
+        raise ValueError(f"HSD inputs must share one shape, got {sorted(shapes)}")
+    if z0_stu.ndim < 2:
+        raise ValueError(f"HSD inputs must be [B, C, ...], got shape {tuple(z0_stu.shape)}")
     if w is None:
         w = 1.0 / z0_stu[0].numel()  # 1 / (C * S)
-    w = _per_sample(w, z0_stu, "w")
-    w2 = w * (1 - eta) / (eta.sqrt() * kappa)
+    snr = sqrt_snr.reshape(-1) if isinstance(sqrt_snr, torch.Tensor) else sqrt_snr
+    w2 = _per_sample(w, z0_stu, "w") * _per_sample(snr, z0_stu, "sqrt_snr")
     return w2 * (z0_stu - z0_tch + x0_tch_noised - x0_stu_noised)
-
-
-def _eta_at(diffusion: ResShiftDiffusion, t, like: torch.Tensor) -> torch.Tensor:
-    """eta_t per sample: float64 schedule values picked, then cast to float32 (as resshift.py)."""
-    t = torch.as_tensor(t, dtype=torch.long).cpu()
-    if t.dim() == 0:
-        t = t.expand(like.shape[0])
-    etas = torch.from_numpy(diffusion.etas)
-    return etas[t].float().to(like.device)
 
 
 def hsd_loss(
     z0_stu: torch.Tensor,
     z0_tch: torch.Tensor,
-    z_y: torch.Tensor,
-    denoise: DenoiseFn,
-    diffusion: ResShiftDiffusion,
+    teacher,
+    cond: dict,
     t,
     noise: torch.Tensor,
     w=None,
@@ -104,26 +101,23 @@ def hsd_loss(
     """The HSD surrogate whose gradient w.r.t. ``z0_stu`` is g (METHODS.md §2).
 
     z_t'^stu = q(z0_stu.detach()), z_t'^tch = q(z0_tch) with the SAME ``noise`` at ``t``
-    (0-based, int or [B]); the teacher ``denoise`` is a ``DenoiseFn`` (the frozen teacher UNet
-    with lq bound, fed the normalised input, exactly as the samplers call it) and runs under
-    ``no_grad``. Per sample the surrogate is ``sum(g.detach() * z0_stu)``; ``reduction``:
-    ``"mean"`` over the batch (default, the official ``.mean()``: d/dz0_stu = g / B),
-    ``"sum"`` (d/dz0_stu = g exactly) or ``"none"`` ([B]). With ``return_grad`` it returns
-    ``(loss, g)``. Its value is not a distance; log ``g`` (e.g. its norm) instead.
+    (0-based, int or [B]), through the frozen ``teacher``'s ``noised`` / ``denoise`` /
+    ``sqrt_snr`` (any diffusion ``Teacher``) under ``no_grad``. Per sample the surrogate is
+    ``sum(g.detach() * z0_stu)``; ``reduction``: ``"mean"`` over the batch (default, the
+    official ``.mean()``: d/dz0_stu = g / B), ``"sum"`` (d/dz0_stu = g exactly) or ``"none"``
+    ([B]). With ``return_grad`` it returns ``(loss, g)``. Its value is not a distance; log ``g``
+    (e.g. its norm) instead.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if z0_tch.shape != z0_stu.shape:
         raise ValueError(f"z0_tch {tuple(z0_tch.shape)} and z0_stu {tuple(z0_stu.shape)} differ")
     with torch.no_grad():
-        z0_stu_d = z0_stu.detach()
-        z_t_stu = diffusion.q_sample(z0_stu_d, z_y, t, noise)  # validates t, noise, z_y
-        z_t_tch = diffusion.q_sample(z0_tch, z_y, t, noise)
-        x0_stu = diffusion.denoise(denoise, z_t_stu, t)
-        x0_tch = diffusion.denoise(denoise, z_t_tch, t)
-        eta = _eta_at(diffusion, t, z0_stu)
+        z0_stu_d = z0_stu.detach().float()
+        x0_stu = teacher.denoise(teacher.noised(z0_stu_d, t, cond, noise), t, cond)
+        x0_tch = teacher.denoise(teacher.noised(z0_tch, t, cond, noise), t, cond)
         parts = (x.float() for x in (z0_stu_d, z0_tch, x0_tch, x0_stu))  # bf16-safe difference
-        g = hsd_gradient(*parts, eta, diffusion.kappa, w).to(z0_stu.dtype)
+        g = hsd_gradient_snr(*parts, teacher.sqrt_snr(t, z0_stu_d), w).to(z0_stu.dtype)
     per_sample = (g * z0_stu).flatten(1).sum(dim=1)
     if reduction == "mean":
         loss = per_sample.mean()

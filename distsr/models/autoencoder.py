@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
+
+from distsr.config import missing_file  # also imported from here by recipes and teachers
 
 
 @dataclass
@@ -19,13 +20,6 @@ class AutoencoderConfig:
         if self.kind == "vq_f4" and not self.checkpoint:
             return [("checkpoint", "vq_f4 needs the path of the official autoencoder_vq_f4.pth")]
         return missing_file("checkpoint", self.checkpoint if self.kind == "vq_f4" else None)
-
-
-def missing_file(key: str, path: str | None) -> list[tuple[str, str]]:
-    """A config problem when a configured weights file does not exist (checked before any work)."""
-    if path and not Path(path).expanduser().is_file():
-        return [(key, f"weights file not found: {path}")]
-    return []
 
 
 class PixelAutoencoder(torch.nn.Module):
@@ -41,11 +35,14 @@ class PixelAutoencoder(torch.nn.Module):
 class VQAutoencoder(torch.nn.Module):
     """Frozen VQ-f4: encode without quantisation, decode with quantisation (official semantics)."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str | None = None, vq: torch.nn.Module | None = None):
         super().__init__()
         from distsr.models.vq import vq_from_official
 
-        self.vq = vq_from_official(checkpoint).requires_grad_(False).eval()
+        if (checkpoint is None) == (vq is None):
+            raise ValueError("VQAutoencoder needs either an official checkpoint or a VQModel")
+        vq = vq if vq is not None else vq_from_official(checkpoint)
+        self.vq = vq.requires_grad_(False).eval()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         from distsr.models.vq import vq_encode

@@ -7,12 +7,17 @@ conv -> tokens [B, C, H*W] -> spectral-norm 1-D conv head (k=1 block, residual c
 block, each conv -> GroupNorm(4) -> LeakyReLU(0.2); residual (f(x) + x) / sqrt(2)) -> k=1
 spectral-norm projection to per-token logits.
 
-Facts of the official code (LearningHx/TAD-SR ``ProjectedDiscriminator``, ``DiscHead``):
-features are the UNet skips after input blocks 3, 6, 9, 11 plus the middle block; the time
-embedding is the UNet's sinusoidal embedding of width 160 (model_channels); the modulation
-Linear is default-initialised (distsr zero-initialises it by default, so training starts from
-the identity modulation F_hat = Norm(F)); Norm is GroupNorm(32); heads keep the feature width
-and emit 64 logits per token (``c_dim``). ``OFFICIAL_DISC_KWARGS`` reproduces that head.
+Facts of the official code (LearningHx/TAD-SR ``models/unet.py``: ``ProjectedDiscriminator``,
+``DiscHead``, built in ``trainer.py`` as ``ProjectedDiscriminator(c_dim=64, embed_dim=160)``):
+features are the UNet skips after input blocks 3, 6, 9, 11 plus the middle block (160, 320,
+320, 640, 640 channels for the released real-SR x4 UNet); t enters as the bare sinusoidal
+embedding of width 160 (no MLP); the modulation Linear keeps PyTorch's default init (distsr
+zero-initialises it by default, so training starts from the identity modulation F_hat =
+Norm(F)); Norm is GroupNorm(32); the 3x3 conv is zero-initialised; heads keep the feature width
+and emit 64 logits per token (``c_dim``). ``OFFICIAL_DISC_KWARGS`` reproduces that head. One
+numerical difference remains: the official spectral norm is the hook-based
+``torch.nn.utils.spectral_norm`` (random u, v, one power iteration per forward), distsr uses the
+parametrization, which also runs 15 power iterations when it is built, so sigma starts converged.
 """
 
 from __future__ import annotations
@@ -25,20 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from distsr.models.resshift_unet import Downsample, ResBlock, UNetModelSwin, timestep_embedding
+from distsr.models.resshift_unet import timestep_embedding
 
 __all__ = [
     "OFFICIAL_DISC_KWARGS",
-    "OFFICIAL_LEVELS",
     "TimeAwareDiscriminator",
-    "feature_channels_for",
-    "teacher_features",
-    "validate_levels",
 ]
 
-# Skip indices of UNetModelSwin.input_blocks the official code feeds to the discriminator
-# (hs[3], hs[6], hs[9], hs[11] of the released 12-input-block real-SR x4 UNet) + the middle block.
-OFFICIAL_LEVELS: tuple[int, ...] = (3, 6, 9, 11)
 # Constructor kwargs (besides feature_channels) of the official head, see the module docstring.
 OFFICIAL_DISC_KWARGS: dict = {
     "time_embed_dim": 160,
@@ -115,9 +113,9 @@ class TokenHead(nn.Module):
 class TimeAwareDiscriminator(nn.Module):
     """Multi-scale time-aware discriminator (paper Eq. 10-12): one modulation + head per scale.
 
-    ``forward(features, t)`` takes the teacher features (``teacher_features``), one [B, C_k,
-    H_k, W_k] tensor per entry of ``feature_channels``, and integer steps ``t`` (int or [B]),
-    and returns per-scale logits [B, logit_channels * H_k * W_k] (official layout). ``hidden``
+    ``forward(features, t)`` takes the teacher's encoder features (``Teacher.features``), one
+    [B, C_k, H_k, W_k] tensor per entry of ``feature_channels``, and integer steps ``t`` (int or
+    [B]), and returns per-scale logits [B, logit_channels * H_k * W_k] (official layout). ``hidden``
     is the width of the 1-D head (None: the feature width, as official).
     """
 
@@ -185,69 +183,3 @@ class TimeAwareDiscriminator(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor], t) -> list[torch.Tensor]:
         return [head(f_hat) for head, f_hat in zip(self.heads, self.modulate(features, t))]
-
-
-# ---- the teacher encoder's features ---------------------------------------------------------
-def _input_block_channels(unet: UNetModelSwin) -> list[int]:
-    """Output channels of each ``unet.input_blocks[i]`` (the skip features), read off its layers."""
-    chans, ch = [], None
-    for block in unet.input_blocks:
-        for layer in block:
-            if isinstance(layer, nn.Conv2d):
-                ch = layer.out_channels
-            elif isinstance(layer, ResBlock):
-                ch = layer.out_layers[-1].out_channels
-            elif isinstance(layer, Downsample) and isinstance(layer.op, nn.Conv2d):
-                ch = layer.op.out_channels
-            # Swin BasicLayer and pooling keep the width
-        chans.append(ch)
-    return chans
-
-
-def validate_levels(unet: UNetModelSwin, levels: Sequence[int]) -> tuple[int, ...]:
-    """Check skip indices against ``unet.input_blocks``; raise ValueError explaining the choice."""
-    n = len(unet.input_blocks)
-    levels = tuple(levels)
-    bad = [
-        lv for lv in levels if not isinstance(lv, int) or isinstance(lv, bool) or not 0 <= lv < n
-    ]
-    if bad or len(set(levels)) != len(levels):
-        raise ValueError(
-            f"discriminator levels {list(levels)} are invalid for this UNet: it has {n} input "
-            f"blocks (skip indices 0..{n - 1}, output channels {_input_block_channels(unet)}); "
-            f"pick distinct indices in that range. The official TAD-SR levels "
-            f"{list(OFFICIAL_LEVELS)} fit the released 12-block UNet (channel_mult [1,2,2,4], "
-            f"num_res_blocks 2); a smaller UNet needs its own, e.g. the last block of each level."
-        )
-    return levels
-
-
-def feature_channels_for(
-    unet: UNetModelSwin, levels: Sequence[int] = OFFICIAL_LEVELS, include_middle: bool = True
-) -> list[int]:
-    """Channel counts of ``teacher_features(unet, ..., levels, include_middle)``, in order."""
-    chans = _input_block_channels(unet)
-    out = [chans[lv] for lv in validate_levels(unet, levels)]
-    if include_middle:
-        out.append(unet.middle_block[-1].out_layers[-1].out_channels)
-    return out
-
-
-def teacher_features(
-    unet: UNetModelSwin,
-    z_t_normalized: torch.Tensor,
-    t,
-    lq: torch.Tensor | None = None,
-    levels: Sequence[int] = OFFICIAL_LEVELS,
-    include_middle: bool = True,
-) -> list[torch.Tensor]:
-    """F_k = Enc(z_t, t, y) (paper Eq. 9): the skips after ``input_blocks[levels]`` + the middle
-    block output of the (frozen) teacher. ``z_t_normalized`` is z_t / sqrt(kappa^2 eta_t + 1)
-    (``ResShiftDiffusion.normalize_input``). Gradients flow to the input: wrap the call in
-    ``torch.no_grad()`` for real latents and keep it differentiable for the student's."""
-    levels = validate_levels(unet, levels)
-    t = torch.as_tensor(t, dtype=torch.long, device=z_t_normalized.device)
-    t = t.expand(z_t_normalized.shape[0]) if t.dim() == 0 else t
-    skips, middle, _ = unet.encode(z_t_normalized, t, lq=lq)
-    feats = [skips[lv] for lv in levels]
-    return feats + [middle] if include_middle else feats

@@ -18,11 +18,21 @@ from torch import nn
 
 @dataclass
 class Update:
-    """One optimizer update: backpropagate ``loss`` into the engine named ``engine``."""
+    """One optimizer update: backpropagate ``loss`` into the engine named ``engine``.
+
+    ``guards``: tensors that must be finite too for the update to apply, e.g. what a later
+    update of the same micro-batch is computed from (TAD-SR: the student's output and the
+    teacher's target guard the discriminator update, so a micro-batch whose student loss will be
+    NaN leaves the discriminator as it was)."""
 
     engine: str
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
+    guards: tuple[torch.Tensor, ...] = ()
+
+    def finite(self) -> bool:
+        """Whether the loss and every guard are finite (on this rank)."""
+        return all(bool(torch.isfinite(x.detach()).all()) for x in (self.loss, *self.guards))
 
 
 class Recipe:
@@ -36,6 +46,11 @@ class Recipe:
         self.device = device
         self.dtype = dtype
         self.nets: dict[str, Callable] = {}
+
+    @classmethod
+    def student_spec(cls, cfg):
+        """The spec of the network this recipe exports (inference and export build it)."""
+        raise ValueError(f"recipe {cls.__name__} exports no network that inference can load")
 
     def trainable(self) -> dict[str, nn.Module]:
         """Modules to wrap in DeepSpeed engines, in a stable order."""

@@ -10,35 +10,47 @@ while the discriminator is frozen.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from distsr.config import missing_dir
+from distsr.data.cache import TeacherCache
 from distsr.losses.adversarial import d_hinge_loss, g_adv_loss
 from distsr.losses.hsd import hsd_loss, hsd_noise, sample_hsd_timesteps
-from distsr.models.discriminator import (
-    OFFICIAL_LEVELS,
-    TimeAwareDiscriminator,
-    feature_channels_for,
-    teacher_features,
-)
+from distsr.models.discriminator import TimeAwareDiscriminator
+from distsr.models.resshift import MIDDLE, OFFICIAL_LEVELS
 from distsr.recipes.base import Recipe, Update, frozen
 from distsr.teachers.resshift import TeacherConfig, build_teacher
-from distsr.teachers.source import CachedTeacher, LiveTeacher, check_cache
+from distsr.teachers.source import CachedTeacher, LiveTeacher
 
 
 @dataclass
 class DiscriminatorConfig:
     levels: list[int] = field(default_factory=lambda: list(OFFICIAL_LEVELS))
     include_middle: bool = True
-    kwargs: dict = field(default_factory=dict)  # TimeAwareDiscriminator options
-    lr: float | None = None  # None: the engine's optimizer lr
-    heads: Literal["sum", "concat_mean"] = "sum"  # paper: sum over scales; code: one mean
+    # TimeAwareDiscriminator options; the official head: discriminator.OFFICIAL_DISC_KWARGS
+    kwargs: dict = field(default_factory=dict)
+    lr: float | None = None  # None: the engine's optimizer lr (official: the student's base lr)
+    # "engine": the engine's LR schedule, warm-up included, as the student; "constant": the base
+    # lr from the first step, never warmed up nor decayed (official: its lr is never adjusted)
+    lr_schedule: Literal["engine", "constant"] = "engine"
+    # how the heads combine (losses/adversarial.py): "sum" Eq. 11-12; "mean" the paper's text
+    # (average of the heads); "concat_mean" the official code (one mean over all heads' logits)
+    heads: Literal["sum", "mean", "concat_mean"] = "sum"
+    # t ~ U{0..T-1} (Alg. 1 line 15); false: U{0..T-2}, never the last step (official code)
+    include_last_t: bool = True
+    # true: noise z0_stu and z0 with the eps of z_T (Alg. 1 lines 16/18 reuse line 6's eps);
+    # false: a fresh draw of kind ``noise`` per step (official code: fresh uniform noise)
+    reuse_prior_noise: bool = False
+
+    def validate(self):
+        if self.lr is not None and self.lr <= 0:
+            return [("lr", f"must be > 0 (or null: the engine's lr), got {self.lr}")]
+        return []
 
 
 @dataclass
@@ -46,17 +58,19 @@ class TadsrConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache_dir: str | None = None  # cache/<fingerprint> from jobs/cache_teacher.py; None = live
     cache_seed: int = 0  # noise seed of the live teacher (the cache stores its own)
+    # live teacher: a fresh z_T every step (paper Alg. 1); false: the per-key seeded noise
+    fresh_noise: bool = True
     teacher_partition: Literal["replicate", "zero3"] = "replicate"  # zero3: 1/world per rank
     lambda_hsd: float = 1.0  # lambda1 (real-world SR)
     lambda_adv: float = 0.02  # lambda2
     hsd_max_frac: float = 0.2  # t' ~ U[1, T/5] (paper)
-    noise: Literal["gaussian", "uniform"] = "gaussian"  # paper: Gaussian; official code: uniform
+    # the HSD and discriminator perturbations (z_T stays Gaussian): "gaussian" N(0, I) (paper
+    # Alg. 1 lines 6, 25); "uniform" U[0, 1) (official code: rand_like for both)
+    noise: Literal["gaussian", "uniform"] = "gaussian"
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def validate(self):
-        problems = []
-        if self.cache_dir and not Path(self.cache_dir).expanduser().is_dir():
-            problems.append(("cache_dir", f"teacher cache not found: {self.cache_dir}"))
+        problems = missing_dir("cache_dir", self.cache_dir, "teacher cache")
         for key in ("lambda_hsd", "lambda_adv"):
             if getattr(self, key) < 0:
                 problems.append((key, "must be >= 0"))
@@ -64,20 +78,29 @@ class TadsrConfig:
 
 
 class TadsrRecipe(Recipe):
+    """TAD-SR with any diffusion ``Teacher`` that has ``features`` (ResShift, SeeSR, ...)."""
+
     Config = TadsrConfig
 
-    def __init__(self, cfg: TadsrConfig, *, device, dtype=torch.float32):
+    def __init__(self, cfg: TadsrConfig, *, device, dtype=torch.float32, teacher=None):
         super().__init__(cfg, device=device, dtype=dtype)
-        self.teacher = build_teacher(cfg.teacher, device)
-        self.diffusion = self.teacher.diffusion
-        self.student = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()  # init = F
-        channels = feature_channels_for(self.teacher.unet, cfg.disc.levels, cfg.disc.include_middle)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, device)
+        if not self.teacher.supports("features"):
+            raise ValueError(f"TAD-SR needs a teacher with encoder features; "
+                             f"{type(self.teacher).__name__} has none")  # fmt: skip
+        self.levels = [*cfg.disc.levels, *([MIDDLE] if cfg.disc.include_middle else [])]
+        self.student = self.teacher.make_student()  # init = the teacher's denoiser (Alg. 1)
+        channels = self.teacher.feature_channels(self.levels)
         self.disc = TimeAwareDiscriminator(channels, **cfg.disc.kwargs)
-        if cfg.cache_dir:
-            check_cache(cfg.cache_dir, self.teacher)  # refuses another teacher's outputs
-            self.source = CachedTeacher.from_cache(cfg.cache_dir, device=device)
+        self.cache = TeacherCache(cfg.cache_dir) if cfg.cache_dir else None
+        if self.cache is not None:  # CachedTeacher refuses another teacher's outputs
+            self.source = CachedTeacher(self.cache, self.teacher)
         else:
-            self.source = LiveTeacher(self.teacher, cfg.cache_seed)
+            self.source = LiveTeacher(self.teacher, cfg.cache_seed, fresh_noise=cfg.fresh_noise)
+
+    @classmethod
+    def student_spec(cls, cfg: TadsrConfig):
+        return cfg.teacher  # the student is a copy of the teacher's denoiser
 
     def trainable(self):
         return {"disc": self.disc, "student": self.student}
@@ -86,74 +109,72 @@ class TadsrRecipe(Recipe):
         return ["student"]
 
     def partitioned(self):
-        return {"teacher": self.teacher.unet} if self.cfg.teacher_partition == "zero3" else {}
+        return self.teacher.partitionable() if self.cfg.teacher_partition == "zero3" else {}
 
     def optimizer_overrides(self):
-        return {"disc": {"lr": self.cfg.disc.lr}} if self.cfg.disc.lr else {}
+        disc, over = self.cfg.disc, {}
+        if disc.lr:
+            over["lr"] = disc.lr
+        if disc.lr_schedule == "constant":  # official: the discriminator's lr never changes
+            over["scheduler"] = {"kind": "constant", "warmup_steps": 0}
+        return {"disc": over} if over else {}
 
     def make_loader(self, data_cfg, **kwargs):
-        if not self.cfg.cache_dir:
-            return super().make_loader(data_cfg, **kwargs)
-        from distsr.data.cache import make_joined_loader
+        from distsr.data.reader import make_train_loader
 
-        return make_joined_loader(data_cfg, self.cfg.cache_dir, **kwargs)
+        return make_train_loader(data_cfg, cache=self.cache, **kwargs)
 
-    def features(self, z0: torch.Tensor, z_y, t, noise, lq) -> list[torch.Tensor]:
+    def features(self, z0: torch.Tensor, t, eps, cond: dict) -> list[torch.Tensor]:
         """F_k = Enc_F(q(z0, t), t, y) (Eq. 9), differentiable w.r.t. z0."""
-        z_t = self.diffusion.q_sample(z0, z_y, t, noise)
-        d = self.cfg.disc
-        return teacher_features(self.teacher.unet, self.diffusion.normalize_input(z_t, t), t, lq,
-                                d.levels, d.include_middle)  # fmt: skip
+        z_t = self.teacher.noised(z0, t, cond, eps)
+        return self.teacher.features(z_t, t, cond, self.levels)
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
-        cfg, T = self.cfg, self.diffusion.num_timesteps
+        cfg, teacher = self.cfg, self.teacher
+        T = teacher.num_timesteps
         tgt = self.source.targets(batch)
-        z_y, z0_tch, lq = tgt["z_y"], tgt["z0_tch"], tgt["lq_cond"].float()
+        cond, z0_tch, z_gt = tgt["cond"], tgt["z0_tch"], tgt["z_gt"]
         # Alg. 1 line 3: one student step from the same z_T as the teacher's trajectory
-        z_T = self.diffusion.prior_sample(z_y, tgt["noise"])
-        t_last = torch.full((z_y.shape[0],), T - 1, device=z_y.device, dtype=torch.long)
-        z_in = self.diffusion.normalize_input(z_T, t_last).to(self.dtype)
-        z0_stu = self.nets["student"](z_in, t_last, lq=lq.to(self.dtype)).float()
+        z0_stu = teacher.student_step(self.nets["student"], teacher.prior(cond, tgt["noise"]), cond)
 
-        # Alg. 1 lines 4-6: discriminator update on noised fake (student) and real latents
-        t = torch.randint(0, T, (z_y.shape[0],), device=z_y.device)
-        eps = hsd_noise(z_y, cfg.noise)
+        # Alg. 1 lines 4-6: discriminator update on noised fake (student) and real latents, at
+        # the same t and eps (Eq. 11); t ~ U{0..T-1} (official: U{0..T-2}), eps that of z_T
+        # (lines 16/18) or a fresh draw (official)
+        batch_size, device = z0_stu.shape[0], z0_stu.device
+        t = torch.randint(0, T if cfg.disc.include_last_t else T - 1, (batch_size,), device=device)
+        reuse = cfg.disc.reuse_prior_noise
+        eps = tgt["noise"].float() if reuse else hsd_noise(z0_stu.detach(), cfg.noise)
         with torch.no_grad():
-            f_fake = self.features(z0_stu.detach(), z_y, t, eps, lq)
-            f_real = self.features(tgt["z_gt"], z_y, t, eps, lq)
+            f_fake = self.features(z0_stu.detach(), t, eps, cond)
+            f_real = self.features(z_gt, t, eps, cond)
         loss_d = d_hinge_loss(self.nets["disc"](f_fake, t), self.nets["disc"](f_real, t),
                               heads=cfg.disc.heads)  # fmt: skip
-        yield Update("disc", loss_d)
+        # guards: a student step that will be non-finite skips this update too (engine rule)
+        yield Update("disc", loss_d, guards=(z0_stu.detach(), z0_tch))
 
         # Alg. 1 lines 7-10: generator update with the discriminator frozen (Eq. 13)
         loss_distill = F.mse_loss(z0_stu, z0_tch)  # vanilla distillation
-        t_hsd = sample_hsd_timesteps(z_y.shape[0], T, max_frac=cfg.hsd_max_frac, device=z_y.device)
-        loss_hsd = hsd_loss(z0_stu, z0_tch, z_y, self.teacher_denoise(lq), self.diffusion,
-                            t_hsd, hsd_noise(z_y, cfg.noise))  # fmt: skip
+        t_hsd = sample_hsd_timesteps(batch_size, T, max_frac=cfg.hsd_max_frac, device=device)
+        loss_hsd = hsd_loss(z0_stu, z0_tch, teacher, cond, t_hsd, hsd_noise(z0_tch, cfg.noise))
         with frozen(self.disc):
-            logits = self.plain("disc")(self.features(z0_stu, z_y, t, eps, lq), t)
+            logits = self.plain("disc")(self.features(z0_stu, t, eps, cond), t)
             loss_adv = g_adv_loss(logits, heads=cfg.disc.heads)
         loss = loss_distill + cfg.lambda_hsd * loss_hsd + cfg.lambda_adv * loss_adv
         logs = {"distill": loss_distill.item(), "adv_g": loss_adv.item(), "d_loss": loss_d.item()}
         yield Update("student", loss, logs)
-
-    def teacher_denoise(self, lq: torch.Tensor):
-        """The frozen teacher (kept in fp32 whatever the engines' precision) with lq bound."""
-        return lambda x, t: self.teacher.unet(x.float(), t, lq=lq)
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         """bicubic | teacher (T steps) | student (1 step) | gt, for the first 4 samples."""
         batch = first(batch, 4)
         tgt = self.source.targets(batch)
-        z_y, lq = tgt["z_y"], tgt["lq_cond"].float()
-        z_T = self.diffusion.prior_sample(z_y, tgt["noise"])
-        t = torch.full((z_y.shape[0],), self.diffusion.num_timesteps - 1, device=z_y.device)
-        z_in = self.diffusion.normalize_input(z_T, t).to(self.dtype)
-        z0_stu = self.nets["student"](z_in, t, lq=lq.to(self.dtype)).float()
-        decode = self.teacher.decode
-        return {"bicubic": decode(z_y), "teacher": decode(tgt["z0_tch"]),
-                "student": decode(z0_stu), "gt": decode(tgt["z_gt"])}  # fmt: skip
+        cond, teacher = tgt["cond"], self.teacher
+        z0_stu = teacher.student_step(self.nets["student"], teacher.prior(cond, tgt["noise"]), cond)
+        student = teacher.decode(z0_stu)
+        lq = batch["lq"].to(student.device, torch.float32)
+        bicubic = F.interpolate(lq, size=student.shape[-2:], mode="bicubic", align_corners=False)
+        return {"bicubic": bicubic.clamp(0, 1), "teacher": teacher.decode(tgt["z0_tch"]),
+                "student": student, "gt": teacher.decode(tgt["z_gt"])}  # fmt: skip
 
 
 def first(value, n: int):

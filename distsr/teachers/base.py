@@ -21,15 +21,38 @@ FINGERPRINT_DIGITS = 16  # hex digits of the fingerprint after the teacher kind
 
 
 class Teacher(nn.Module):
-    """A frozen multi-step teacher (METHODS.md §1-2).
+    """A frozen teacher behind the calls every recipe uses (DESIGN.md "Interfaces").
 
-    ``cond`` is the dict ``prepare`` returns; for ResShift ``{"z_y", "lq"}``: the latent of the
-    bicubic-upsampled lq and the UNet condition. ``noise`` is what ``noise_for`` draws per
-    sample: the prior eps ``[B, C, H, W]``, or ``[noise_draws, B, C, H, W]`` for samplers that
-    need more (the prior eps first). Subclasses set ``kind`` and implement the methods below.
+    Three kinds share it: latent diffusion (ResShift with VQ-f4), pixel diffusion (ResShift with
+    the identity first stage) and one-forward regression nets (``sample`` = one forward, no noise,
+    no ``prior``/``features``). Tensors called ``z`` live in the teacher's target space: the
+    latent of a diffusion teacher, the image itself for a regression teacher.
+
+    * ``prepare(lq, stored=None) -> cond``: the condition of a batch (a dict of tensors). The
+      entries named in ``stored`` are what the teacher cache keeps; given them, ``prepare``
+      rebuilds the rest from lq alone, cheaply (ResShift: ``z_y`` is stored, the UNet's lq
+      condition is recomputed by the one ``condition`` rule).
+    * ``noise_shape(cond)``: one sample's prior-eps shape (None: the teacher draws no noise);
+      ``noise_tensors``: how many such tensors ``sample`` consumes per sample (the prior eps
+      first; ``teachers.noise`` draws them).
+    * ``prior(cond, noise) -> z_T``, ``sample(cond, noise) -> z0`` (the full trajectory from
+      that z_T), ``outputs``: the names of what ``sample`` returns (one tensor, or a dict with
+      one entry per name for a multi-teacher).
+    * Diffusion teachers: ``num_timesteps``, ``noised`` (the forward process q), ``denoise`` (one
+      network call), ``sqrt_snr`` (d eps / d x0 at a fixed z_t, the HSD weight), ``features`` /
+      ``feature_channels`` (encoder features for discriminators), ``make_student`` and
+      ``student_step`` (a trainable copy of the denoiser and its one-step rule), and
+      ``partitionable`` (frozen modules worth sharding with ZeRO-3).
+    * ``encode_gt(gt) -> z``, ``decode(z) -> image in [0, 1]``, ``fingerprint()``.
+
+    Images cross the interface in [0, 1]. Subclasses set ``kind`` and implement what they have;
+    the rest raises ``NotImplementedError`` naming the teacher, and ``supports(name)`` tells.
     """
 
     kind: str = "teacher"
+    stored: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("z0",)
+    noise_tensors: int = 1
 
     def freeze(self) -> Teacher:
         """No parameter takes gradients and the teacher stays in eval mode."""
@@ -44,44 +67,79 @@ class Teacher(nn.Module):
         first = next(itertools.chain(self.parameters(), self.buffers()), None)
         return first.device if first is not None else torch.device("cpu")
 
-    @property
-    def noise_draws(self) -> int:
-        """How many latent-shaped noise tensors ``sample`` consumes per sample."""
-        return 1
+    def supports(self, name: str) -> bool:
+        """Whether this teacher implements method ``name`` of the interface."""
+        return getattr(type(self), name) is not getattr(Teacher, name)
 
-    def prepare(self, lq: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def _missing(self, what: str):
+        return NotImplementedError(f"{type(self).__name__} ({self.kind}) has no {what}")
+
+    # ---- every teacher ----------------------------------------------------------------------
+    def prepare(self, lq: torch.Tensor, stored: dict | None = None) -> dict[str, torch.Tensor]:
+        raise self._missing("prepare")
+
+    def noise_shape(self, cond: dict) -> tuple[int, ...] | None:
+        return None
+
+    def sample(self, cond: dict, noise: torch.Tensor | None):
+        """The teacher's output from the same z_T = prior(cond, noise) a student starts from."""
+        raise self._missing("sample")
 
     def encode_gt(self, gt: torch.Tensor) -> torch.Tensor:
-        """The real latent z0 = E(gt) of gt images in [0, 1]."""
-        raise NotImplementedError
-
-    def prior(self, cond: dict, noise: torch.Tensor) -> torch.Tensor:
-        """z_T, the start of the trajectory (and of a one-step student)."""
-        raise NotImplementedError
-
-    def sample(self, cond: dict, noise: torch.Tensor) -> torch.Tensor:
-        """z0 of the full multi-step trajectory from z_T = prior(cond, noise)."""
-        raise NotImplementedError
-
-    def denoise(self, z_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
-        """One network call: x0_hat at step t (gradients flow to z_t; weights are frozen)."""
-        raise NotImplementedError
-
-    def features(self, z_t: torch.Tensor, t, cond: dict, levels: Sequence) -> list[torch.Tensor]:
-        """Encoder features for discriminators (TAD-SR, METHODS.md §2)."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose encoder features")
+        """gt images in [0, 1] in the target space (the latent z0 = E(gt))."""
+        raise self._missing("encode_gt")
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        """Latent -> image in [0, 1]."""
-        raise NotImplementedError
+        """Target space -> image in [0, 1]."""
+        raise self._missing("decode")
 
     def fingerprint_parts(self) -> dict:
-        """``{"kind", "weights", "sampler", "schedule", "scale"}``: JSON-able values."""
-        raise NotImplementedError
+        """``{"kind", "weights", ...}``: JSON-able values that decide what ``sample`` returns."""
+        raise self._missing("fingerprint_parts")
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.fingerprint_parts())
+
+    # ---- diffusion teachers -----------------------------------------------------------------
+    @property
+    def num_timesteps(self) -> int:
+        raise self._missing("diffusion timesteps")
+
+    def prior(self, cond: dict, noise: torch.Tensor) -> torch.Tensor:
+        """z_T, the start of the trajectory (and of a one-step student)."""
+        raise self._missing("prior")
+
+    def noised(self, z0: torch.Tensor, t, cond: dict, noise: torch.Tensor) -> torch.Tensor:
+        """z_t ~ q(z_t | z0, cond) with the given eps."""
+        raise self._missing("forward process")
+
+    def denoise(self, z_t: torch.Tensor, t, cond: dict) -> torch.Tensor:
+        """One network call: x0_hat at step t (gradients flow to z_t; weights are frozen)."""
+        raise self._missing("denoise")
+
+    def sqrt_snr(self, t, like: torch.Tensor) -> torch.Tensor:
+        """a_t / sigma_t as [B, 1, ...] float32, where z_t = a_t z0 + ... + sigma_t eps: the
+        factor that turns an x0 difference at a fixed z_t into an eps difference (HSD)."""
+        raise self._missing("sqrt_snr")
+
+    def features(self, z_t: torch.Tensor, t, cond: dict, levels: Sequence) -> list[torch.Tensor]:
+        """Encoder features for discriminators (TAD-SR, METHODS.md §2)."""
+        raise self._missing("encoder features")
+
+    def feature_channels(self, levels: Sequence) -> list[int]:
+        raise self._missing("encoder features")
+
+    def make_student(self) -> nn.Module:
+        """A trainable copy of the denoiser (official key names), the student's init."""
+        raise self._missing("student")
+
+    def student_step(self, net: nn.Module, z_T: torch.Tensor, cond: dict) -> torch.Tensor:
+        """z0 from z_T in one call of ``net`` (a module made by ``make_student``)."""
+        raise self._missing("student")
+
+    def partitionable(self) -> dict[str, nn.Module]:
+        """Frozen modules a recipe may shard with ZeRO-3 instead of replicating them."""
+        return {}
 
 
 def fingerprint_of(parts: dict) -> str:

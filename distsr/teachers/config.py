@@ -13,8 +13,11 @@ class CacheJobConfig:
     ``output/<teacher fingerprint>/`` (one cache shard per input shard, same name).
 
     One Ray task per shard on a pool of ``num_actors`` actors, each holding the teacher (one GPU
-    per actor with ``use_gpu``). ``seed`` seeds each sample's noise (``stable_seed(seed, key)``);
-    a failed shard is tried ``retries`` more times before the job reports it.
+    per actor with ``use_gpu``). ``seed`` seeds each sample's noise (``sample_seed(seed, key,
+    k)`` for trajectory k); ``draws`` trajectories are stored per sample, from different z_T
+    (K-fold job cost and output storage for K teacher outputs per crop; see
+    ``distsr.teachers.cache_job``). A failed shard is tried ``retries`` more times before the
+    job reports it.
     """
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -25,6 +28,7 @@ class CacheJobConfig:
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     seed: int = 0
+    draws: int = 1  # trajectories (different z_T) stored per sample; training picks one per step
     retries: int = 2
 
     def validate(self) -> list[tuple[str, str]]:
@@ -33,7 +37,7 @@ class CacheJobConfig:
             problems.append(("shards", "needs the input shards (folders, globs or files)"))
         if not self.output:
             problems.append(("output", "needs the cache root folder"))
-        for key in ("batch_size", "num_actors"):
+        for key in ("batch_size", "num_actors", "draws"):
             if getattr(self, key) < 1:
                 problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
         if self.cpus_per_actor <= 0:

@@ -1,125 +1,197 @@
 """Where a recipe's teacher targets come from: computed now (``LiveTeacher``) or read from the
-teacher-output cache next to the shards (``CachedTeacher``, DESIGN.md "TeacherSource").
+teacher-output cache (``CachedTeacher``, DESIGN.md "TeacherSource").
 
-Both return, for a batch with keys ``batch["__key__"]``::
+Both return, for a batch (``lq``, ``gt``, ``__key__``)::
 
-    {"z0_tch":  the teacher's z0 (full trajectory from z_T = prior(z_y, eps)), METHODS.md §2.1
-     "z_y":     latent of the bicubic-upsampled lq,
-     "z_gt":    latent of gt,
-     "noise":   the prior eps of each sample (regenerated from stable_seed(seed, key)),
-     "lq_cond": the UNet condition}
+    {"cond":   the teacher's condition (``teacher.prepare``), a dict of tensors,
+     "noise":  the prior eps float32 [B, ...] of z_T = prior(cond, eps), or None (a teacher
+               that draws no noise, e.g. a regression net),
+     "z0_tch": the teacher's output from that z_T (METHODS.md §2.1), float32; a dict
+               name -> tensor for a multi-teacher (``teacher.outputs``),
+     "z_gt":   gt in the teacher's target space, float32}
 
-as float32 on the source's device. The cache stores z0, z_y and z_gt in float16, so the live
-source rounds them to float16 too, and the teacher's trajectory starts from the float16 z_y: a
-target is then exactly a function of what the cache stores, ``(z_y, seed)``, and the student
-builds the same z_T the teacher started from. Live and cached targets are bit-identical when the
-live teacher runs the same batch on the same kind of device as the cache job did; in another
-batch composition, float32 kernels may sum in another order, so a value can land on the
-neighbouring float16 (1 ulp).
+on the teacher's device. The cache stores the outputs, z_gt and the condition entries
+``teacher.stored`` in float16, so the live source rounds them to float16 too, and the
+teacher's trajectory starts from the condition rebuilt from the float16 entries: a target is
+then exactly a function of what the cache stores, ``(stored, seed)``, and the student builds the
+same z_T the teacher started from. Live and cached targets are bit-identical when the live
+teacher uses the seeded noise (``fresh_noise=False``) and runs the same batch on the same kind of
+device as the cache job did; in another batch composition, float32 kernels may sum in another
+order, so a value can land on the neighbouring float16 (1 ulp).
+
+Noise. ``LiveTeacher`` draws a fresh z_T every step by default (Algorithm 1 of TAD-SR: a new
+eps each iteration), from the process's torch RNG (seeded per rank by the trainer). With
+``fresh_noise=False`` sample ``key`` uses the seeded noise ``teachers.noise.noise_for`` — what
+the cache stores. ``CachedTeacher`` picks one of the cache's K stored trajectories per sample
+and step (a ``torch.randint`` from the process RNG, so deterministic given the training seed)
+and regenerates that trajectory's prior eps from its seed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from distsr.data.cache import read_teacher_info
-from distsr.data.shards import stable_seed
-from distsr.teachers.base import Teacher, parts_differ
-from distsr.teachers.resshift import lq_condition, noise_for, noise_from_seeds
+from distsr.teachers.base import Teacher
+from distsr.teachers.noise import noise_for, noise_from_seeds, sample_seed
+
+if TYPE_CHECKING:
+    from distsr.data.cache import TeacherCache
 
 
 class TeacherSource(Protocol):
     fingerprint: str
 
-    def targets(self, batch: dict) -> dict[str, torch.Tensor]: ...
+    def targets(self, batch: dict) -> dict: ...
 
 
 class LiveTeacher:
     """Runs the teacher's trajectory on every call (what public TAD-SR code does per step)."""
 
-    def __init__(self, teacher: Teacher, seed: int):
+    def __init__(
+        self,
+        teacher: Teacher,
+        seed: int = 0,
+        *,
+        fresh_noise: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         self.teacher = teacher
         self.seed = seed
+        self.fresh_noise = fresh_noise
+        self.generator = generator  # None: the process's default CPU generator
         self.fingerprint = teacher.fingerprint()
 
     @torch.no_grad()
-    def compute(self, batch: dict) -> dict:
-        """float16 ``z0``, ``z_y``, ``z_gt`` + ``seed`` [B] (the cache fields), ``noise`` and
-        ``lq_cond`` (float32), all on the teacher's device."""
-        keys = list(batch["__key__"])
-        teacher = self.teacher
-        cond = teacher.prepare(batch["lq"])
-        z_y = cond["z_y"].half()  # the stored z_y; the trajectory starts from it
-        cond = {**cond, "z_y": z_y.float()}
-        noise = noise_for(keys, z_y.shape[1:], self.seed, draws=teacher.noise_draws)
-        noise = noise.to(z_y.device)
-        z0 = teacher.sample(cond, noise).half()
-        z_gt = teacher.encode_gt(batch["gt"]).half()
-        seeds = torch.tensor([stable_seed(self.seed, k) for k in keys], dtype=torch.int64)
-        prior_eps = noise if noise.dim() == z_y.dim() else noise[0]
-        return {"z0": z0, "z_y": z_y, "z_gt": z_gt, "seed": seeds, "noise": prior_eps,
-                "lq_cond": cond["lq"]}  # fmt: skip
+    def targets(self, batch: dict) -> dict:
+        cond = rounded_cond(self.teacher, batch["lq"])
+        noise = self.noise(list(batch["__key__"]), cond)
+        z0 = self.sample(cond, noise)
+        z_gt = self.teacher.encode_gt(batch["gt"].to(self.teacher.device)).half()
+        prior = None if noise is None else prior_eps(self.teacher, noise)
+        return {"cond": cond, "noise": prior, "z0_tch": as_targets(self.teacher, z0),
+                "z_gt": z_gt.float()}  # fmt: skip
 
-    def cache_fields(self, batch: dict) -> dict:
-        """What the cache job stores for a batch (``data.cache.write_cache_shard``)."""
-        return {k: v.cpu() for k, v in self.compute(batch).items() if k in _STORED}
+    def noise(self, keys: list[str], cond: dict, draw: int | None = None) -> torch.Tensor | None:
+        """What ``teacher.sample`` consumes for these samples: fresh noise (``fresh_noise``, no
+        ``draw`` given) or the seeded noise of trajectory ``draw`` (default 0); None for a
+        teacher without noise."""
+        shape = self.teacher.noise_shape(cond)
+        if shape is None:
+            return None
+        tensors = self.teacher.noise_tensors
+        if draw is None and self.fresh_noise:
+            noise = torch.randn((tensors, len(keys), *shape), generator=self.generator)
+            noise = noise[0] if tensors == 1 else noise
+        else:
+            noise = noise_for(keys, shape, self.seed, tensors=tensors, draw=draw or 0)
+        return noise.to(self.teacher.device)
 
-    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.compute(batch)
-        return {"z0_tch": out["z0"].float(), "z_y": out["z_y"].float(),
-                "z_gt": out["z_gt"].float(), "noise": out["noise"],
-                "lq_cond": out["lq_cond"]}  # fmt: skip
+    def sample(self, cond: dict, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The teacher's outputs as float16 ``{name: [B, ...]}`` (the cache's rounding)."""
+        out = self.teacher.sample(cond, noise)
+        return {name: value.half() for name, value in outputs_of(self.teacher, out).items()}
+
+    @torch.no_grad()
+    def cache_fields(self, batch: dict, draws: int = 1) -> dict[str, torch.Tensor]:
+        """What the cache stores for a batch, on the CPU: the outputs float16 ``[B, K, ...]``
+        (trajectory k from the seeded noise of draw k), ``z_gt`` and the ``teacher.stored``
+        condition float16 ``[B, ...]``, and ``seed`` int64 ``[B, K]``."""
+        keys, teacher = list(batch["__key__"]), self.teacher
+        cond = rounded_cond(teacher, batch["lq"])
+        if draws > 1 and teacher.noise_shape(cond) is None:
+            raise ValueError(
+                f"draws={draws}, but teacher {self.fingerprint} draws no noise: its "
+                f"{draws} outputs would be the same; set draws=1"
+            )
+        per_draw = [self.sample(cond, self.noise(keys, cond, draw=k)) for k in range(draws)]
+        fields = {n: torch.stack([z[n] for z in per_draw], dim=1) for n in teacher.outputs}
+        fields["z_gt"] = teacher.encode_gt(batch["gt"].to(teacher.device)).half()
+        fields.update({name: cond[name].half() for name in teacher.stored})
+        seeds = [[sample_seed(self.seed, key, k) for k in range(draws)] for key in keys]
+        fields = {name: value.cpu() for name, value in fields.items()}
+        return {**fields, "seed": torch.tensor(seeds, dtype=torch.int64)}
 
 
 class CachedTeacher:
-    """Reads the targets the joined reader (``data.cache.make_joined_loader``) put into
-    ``batch["cache"]``; only the UNet condition is recomputed (a bicubic upsample of lq)."""
+    """Targets from ``batch["cache"]`` (the reader's joined stream, ``make_train_loader(...,
+    cache=cache)``); the condition is rebuilt from lq and the stored entries (cheap: no encoder
+    call), the prior eps from the picked trajectory's seed."""
 
-    def __init__(self, fingerprint: str, scale: int = 4, device: torch.device | str = "cpu"):
-        self.fingerprint = fingerprint
-        self.scale = scale
-        self.device = torch.device(device)
+    def __init__(
+        self, cache: TeacherCache, teacher: Teacher, *, generator: torch.Generator | None = None
+    ):
+        self.cache = cache.check(teacher)  # refuses another teacher's outputs
+        self.teacher = teacher
+        self.generator = generator  # None: the process's default CPU generator
+        self.fingerprint = cache.fingerprint
 
-    @classmethod
-    def from_cache(cls, cache_dir: str | Path, device: torch.device | str = "cpu"):
-        info = read_teacher_info(cache_dir)
-        return cls(info["fingerprint"], scale=info["parts"]["scale"], device=device)
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict:
+        column = self._column(batch)
+        device, seeds = self.teacher.device, column["seed"]
+        rows, pick = torch.arange(seeds.shape[0]), self.pick(seeds.shape)
+        stored = {name: column[name].to(device).float() for name in self.cache.stored}
+        cond = self.teacher.prepare(batch["lq"].to(device), stored=stored)
+        shape = self.teacher.noise_shape(cond)
+        noise = None
+        if shape is not None:  # the prior eps is tensor 0 of the trajectory's noise
+            noise = noise_from_seeds(seeds[rows, pick].tolist(), shape, tensors=1).to(device)
+        z0 = {name: column[name][rows, pick].to(device) for name in self.cache.outputs}
+        return {"cond": cond, "noise": noise, "z0_tch": as_targets(self.teacher, z0),
+                "z_gt": column["z_gt"].to(device).float()}  # fmt: skip
 
-    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
-        cache = batch.get("cache")
-        if cache is None:
+    def pick(self, shape: torch.Size) -> torch.Tensor:
+        """The trajectory of each sample this step: uniform over the K stored ones."""
+        batch, draws = shape
+        if draws == 1:  # nothing to pick: the RNG stream stays as without a cache
+            return torch.zeros(batch, dtype=torch.int64)
+        return torch.randint(draws, (batch,), generator=self.generator)
+
+    def _column(self, batch: dict) -> dict:
+        column = batch.get("cache")
+        if column is None:
             raise ValueError(
                 "the batch has no teacher-cache column: read the shards with "
-                "distsr.data.cache.make_joined_loader(data_cfg, cache_dir, ...)"
+                "distsr.data.reader.make_train_loader(data_cfg, ..., cache=TeacherCache(dir))"
             )
-        if cache["fingerprint"] != self.fingerprint:
+        if column["fingerprint"] != self.fingerprint:
             raise ValueError(
-                f"the batch comes from the cache of teacher {cache['fingerprint']}, but this "
-                f"CachedTeacher expects {self.fingerprint}"
+                f"the batch comes from the cache of teacher {column['fingerprint']}, but this "
+                f"CachedTeacher reads {self.cache.path} (teacher {self.fingerprint})"
             )
-        z = {name: cache[name].to(self.device).float() for name in ("z0", "z_y", "z_gt")}
-        noise = noise_from_seeds(cache["seed"].tolist(), z["z_y"].shape[1:]).to(self.device)
-        lq_cond = lq_condition(batch["lq"].to(self.device), self.scale, z["z_y"].shape[-2:])
-        return {"z0_tch": z["z0"], "z_y": z["z_y"], "z_gt": z["z_gt"], "noise": noise,
-                "lq_cond": lq_cond}  # fmt: skip
+        return column
 
 
-def check_cache(cache_dir: str | Path, teacher: Teacher) -> dict:
-    """Refuse a cache written by another teacher; the error names each differing part
-    (weights / sampler / schedule / scale). Returns the cache's teacher.json."""
-    info = read_teacher_info(cache_dir)
-    diffs = parts_differ(info.get("parts", {}), teacher.fingerprint_parts())
-    if diffs:
-        raise ValueError(
-            f"teacher cache {cache_dir} was written by teacher {info.get('fingerprint')}, not "
-            f"by the configured teacher {teacher.fingerprint()}; they differ in: "
-            f"{'; '.join(diffs)}. Cache this teacher with jobs/cache_teacher.py or configure "
-            "the teacher the cache was made with."
-        )
-    return info
+def rounded_cond(teacher: Teacher, lq: torch.Tensor) -> dict:
+    """``teacher.prepare(lq)``, rebuilt from its ``stored`` entries rounded to float16 (what the
+    cache keeps), so the trajectory starts from what a cached source rebuilds."""
+    lq = lq.to(teacher.device)
+    cond = teacher.prepare(lq)
+    if not teacher.stored:
+        return cond
+    return teacher.prepare(lq, stored={n: cond[n].half().float() for n in teacher.stored})
 
 
-_STORED = ("z0", "z_y", "z_gt", "seed")
+def outputs_of(teacher: Teacher, out) -> dict[str, torch.Tensor]:
+    """``teacher.sample``'s result as ``{name: tensor}`` over ``teacher.outputs``."""
+    if not isinstance(out, dict):
+        if len(teacher.outputs) != 1:
+            raise ValueError(f"teacher {teacher.kind} has outputs {teacher.outputs}: sample "
+                             "must return a dict with one entry per output")  # fmt: skip
+        return {teacher.outputs[0]: out}
+    if set(out) != set(teacher.outputs):
+        raise ValueError(f"teacher {teacher.kind} returned {sorted(out)}, not {teacher.outputs}")
+    return {name: out[name] for name in teacher.outputs}
+
+
+def as_targets(teacher: Teacher, outputs: dict[str, torch.Tensor]):
+    """float32 ``z0_tch``: the tensor of a single teacher, a dict for a multi-teacher."""
+    out = {name: value.float() for name, value in outputs.items()}
+    return out[teacher.outputs[0]] if len(teacher.outputs) == 1 else out
+
+
+def prior_eps(teacher: Teacher, noise: torch.Tensor) -> torch.Tensor:
+    """The prior eps (tensor 0) of what ``sample`` consumed, float32 ``[B, ...]``."""
+    return (noise if teacher.noise_tensors == 1 else noise[0]).float()

@@ -6,15 +6,15 @@
 
 INPUT is an image or a folder of images; OUTPUT is an image path (single input) or a folder
 (``<stem>.png`` per input). Large images are upscaled in overlapping tiles of ``--tile`` lq
-pixels (see ``distsr.tiling``). Unreadable inputs are reported and skipped; the exit status is 1
-when any input was skipped.
+pixels (see ``distsr.inference.tiling``). Unreadable inputs are reported and skipped; the exit
+status is 1 when any input was skipped.
 
 ``export`` writes the student UNet as a plain state_dict (every key of the official
 ``UNetModelSwin``, buffers included, float32) with ``torch.save``: the official loader
 (``sampler.BaseSampler.load_model`` -> ``utils/util_net.reload_model``) reads it as is. Next to it,
 ``OUT.yaml`` holds the official ``model`` and ``diffusion`` config sections that fit the weights.
 Note: the official sampler runs the chain of the ``diffusion`` section (``steps``); a one-step
-student is meant to be run with one step from the prior, as ``distsr.inference`` does.
+student is meant to be run with one step from the prior, as ``distsr.inference.predictors`` does.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from distsr.imageio import (
-    IMAGE_EXTENSIONS,
-    list_images,
-    read_image,
-    to_tensor,
-    to_uint8,
-    write_image,
-)
-from distsr.inference import load_predictor, load_unet
-from distsr.tiling import RAMPS, upscale_tiled
+from distsr.data.config import IMAGE_EXTENSIONS
+from distsr.data.imageio import list_images, read_image, to_tensor, to_uint8, write_image
+from distsr.inference.predictors import load_predictor, load_unet
+from distsr.inference.tiling import RAMPS, upscale_tiled
 
 
 def output_paths(inputs: list[Path], input_arg: Path, output: Path) -> list[Path]:
@@ -54,7 +48,7 @@ def upscale_images(predictor, pairs, tile: int, overlap: int, ramp: str) -> list
     tiles = tqdm(desc="tiles", leave=False, unit="tile")
     for src, dst in tqdm(pairs, desc="upscale", unit="img"):
         try:
-            lq = to_tensor(read_image(src))
+            lq = to_tensor(read_image(src))[None]
         except ValueError as err:
             tqdm.write(f"skipped {src}: {err}", file=sys.stderr)
             skipped.append((src, str(err)))
@@ -174,7 +168,7 @@ def upscale_main(argv: list[str]) -> int:
         parser.error(
             f"need --tile >= 1 and 0 <= --overlap < --tile, got {args.tile}/{args.overlap}"
         )
-    inputs = list_images(args.input)
+    inputs = list_images(args.input, recursive=False)
     pairs = list(zip(inputs, output_paths(inputs, Path(args.input), Path(args.output))))
     predictor = load_predictor(
         args.checkpoint, args.which, "one", config=args.config, device=args.device, seed=args.seed

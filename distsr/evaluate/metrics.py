@@ -118,7 +118,9 @@ def _in_hf_cache(repo: str, filename: str) -> bool:
 
 
 def _refuse_download(url, dst, *args, **kwargs):
-    raise RuntimeError(f"distsr.metrics refuses to download {url} -> {dst}; put the file there")
+    raise RuntimeError(
+        f"distsr.evaluate.metrics refuses to download {url} -> {dst}; put the file there"
+    )
 
 
 @contextlib.contextmanager

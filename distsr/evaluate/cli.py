@@ -8,8 +8,8 @@ With only ``--gt``, lq is made from each HR image (cropped to a multiple of the 
 configured degradation (``--degradation bicubic|realesrgan`` or ``--degradation-config YAML``
 holding a ``DegradationConfig``) with the seed ``stable_seed(--seed, stem)``, so every run sees
 the same lq. Predictors: bicubic always, the one-step student (``--student``) and the T-step
-teacher (``--teacher``) when given. Metrics: see ``distsr.metrics`` (PSNR/SSIM on Y of YCbCr;
-learned ones only when their weight files are on disk, never downloaded). sr is rounded to
+teacher (``--teacher``) when given. Metrics: see ``distsr.evaluate.metrics`` (PSNR/SSIM on Y of
+YCbCr; learned ones only when their weight files are on disk, never downloaded). sr is rounded to
 8 bits before it is scored, as saved images are.
 
 Outputs in ``--out``: ``report.md``, ``metrics.json``, ``grids/<image>.png`` (lq | bicubic |
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distsr.imageio import list_images, read_image, to_tensor, to_uint8, write_image
-from distsr.inference import Bicubic, load_predictor
-from distsr.metrics import DEFAULT_METRICS, build_metrics, nanmean
-from distsr.report import make_grid, write_report
-from distsr.tiling import upscale_tiled
+from distsr.data.imageio import list_images, read_image, to_tensor, to_uint8, write_image
+from distsr.evaluate.metrics import DEFAULT_METRICS, build_metrics, nanmean
+from distsr.evaluate.report import make_grid, write_report
+from distsr.inference.predictors import Bicubic, load_predictor
+from distsr.inference.tiling import upscale_tiled
 
 
 def _as_image(x) -> np.ndarray:
@@ -84,7 +84,7 @@ def _caller(fn, tile: int | None, overlap: int):
 
 def _score(metrics, sr: np.ndarray, gt: np.ndarray | None) -> dict[str, float]:
     scores = {}
-    sr_t, gt_t = to_tensor(sr), None if gt is None else to_tensor(gt)
+    sr_t, gt_t = to_tensor(sr)[None], None if gt is None else to_tensor(gt)[None]
     for metric in metrics:
         if metric.full_reference and gt is None:
             continue
@@ -102,7 +102,7 @@ def _label(name: str, fn) -> str:
 
 
 def _evaluate_image(name, lq, gt, predictors, metrics, meter, call, out_dir, grids, save):
-    lq_t = to_tensor(lq)
+    lq_t = to_tensor(lq)[None]
     scores, columns = {}, [("lq", lq)]
     for pname, fn in predictors.items():
         sr = to_uint8(meter.run(pname, call[pname], lq_t))
@@ -140,7 +140,7 @@ def evaluate(
 ) -> dict:
     """Score ``predictors`` (name -> ``fn(lq) -> sr``) on ``pairs`` of (name, lq, gt or None);
     lq/gt are HxWx3 uint8 arrays or float tensors in [0, 1]. ``metrics``: names from
-    ``distsr.metrics.METRICS`` (default: all, those without weight files skipped). Writes
+    ``distsr.evaluate.metrics.METRICS`` (default: all, those without weight files skipped). Writes
     ``report.md``, ``metrics.json`` and grids into ``out_dir``; returns the JSON dict."""
     if not predictors or not pairs:
         raise ValueError("evaluate needs at least one predictor and one (name, lq, gt) pair")
@@ -162,7 +162,7 @@ def evaluate(
     if warmup and meter.cuda:  # CUDA context, kernels and allocator caches come up lazily
         for name, fn in predictors.items():
             if getattr(fn, "steps", 0):
-                meter.run(name, call[name], to_tensor(pairs[0][1]), timed=False)
+                meter.run(name, call[name], to_tensor(pairs[0][1])[None], timed=False)
     images, grid_paths = {}, []
     for name, lq, gt in tqdm(pairs, desc="evaluate", unit="img"):
         images[name], grid = _evaluate_image(
@@ -219,9 +219,9 @@ def _read_all(paths: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, str]]
 def hr_pairs(gt_dir, degradation, seed: int = 0):
     """(pairs, skipped): lq made from every HR image (cropped to a multiple of the scale)."""
     from distsr.data.degradation import degrade
-    from distsr.data.shards import stable_seed
+    from distsr.seeding import stable_seed
 
-    images, bad = _read_all(list_images(gt_dir))
+    images, bad = _read_all(list_images(gt_dir, recursive=False))
     s = degradation.scale
     pairs = []
     for stem, gt in images.items():
@@ -233,8 +233,8 @@ def hr_pairs(gt_dir, degradation, seed: int = 0):
 
 def paired(lq_dir, gt_dir, scale: int):
     """(pairs, skipped): LR/HR files matched by stem; gt cropped to lq x scale."""
-    lqs, bad = _read_all(list_images(lq_dir))
-    gts, bad_gt = _read_all(list_images(gt_dir))
+    lqs, bad = _read_all(list_images(lq_dir, recursive=False))
+    gts, bad_gt = _read_all(list_images(gt_dir, recursive=False))
     bad.update(bad_gt)
     common = [stem for stem in lqs if stem in gts]
     if not common:
@@ -255,7 +255,7 @@ def paired(lq_dir, gt_dir, scale: int):
 
 
 def lq_only(lq_dir):
-    images, bad = _read_all(list_images(lq_dir))
+    images, bad = _read_all(list_images(lq_dir, recursive=False))
     return [(stem, lq, None) for stem, lq in images.items()], bad
 
 

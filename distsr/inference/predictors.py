@@ -6,10 +6,9 @@
 * :class:`ResShiftMultiStep`: the full T-step sampler (the teacher column of a report).
 * :func:`load_predictor`: either one from a run folder (``config.yaml`` + ``export/``).
 
-The lq -> (z_y, UNet condition) path mirrors ``distsr.recipes.resshift`` exactly (lq in [-1, 1],
-bicubic x scale, encode; the UNet sees lq itself when the latent has lq's size, else the
-upsampled lq), and the official ``ResShiftSampler``: lq is reflect-padded on the bottom/right to
-a multiple the UNet's windows need and the result is cropped back, clamped and mapped to [0, 1].
+The lq -> (z_y, UNet condition) path is ``models.resshift.ResShift.prepare``, the rule training
+used; as in the official ``ResShiftSampler``, lq is reflect-padded on the bottom/right to a
+multiple the UNet's windows need and the result is cropped back, clamped and mapped to [0, 1].
 
 The latent noise is drawn for the *unpadded* image from a fresh generator seeded with ``seed``
 on every call (a result depends on the image, its place in the batch and the seed) and is
@@ -26,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distsr.diffusion.resshift import ResShiftDiffusion
-from distsr.models.autoencoder import PixelAutoencoder, build_autoencoder
+from distsr.models.autoencoder import PixelAutoencoder
 from distsr.models.checkpoint import load_official_state_dict
+from distsr.models.resshift import ResShift, ResShiftSpec
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.models.swin import SwinTransformerBlock
 
@@ -70,18 +69,19 @@ def pad_bottom_right(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
 
 
 class ResShiftOneStep:
-    """One-step ResShift student: x0 = f(normalize_input(z_{T-1}), T-1, lq), decoded."""
+    """One-step ResShift student: x0 = f(normalize_input(z_{T-1}), T-1, lq), decoded
+    (``models.resshift.ResShift.one_step``)."""
 
     steps = 1
 
-    def __init__(self, unet, autoencoder, diffusion: ResShiftDiffusion, scale: int, seed: int = 0):
-        self.unet = unet.eval().requires_grad_(False)
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.diffusion, self.scale, self.seed = diffusion, int(scale), int(seed)
-        self.factor = latent_factor(autoencoder)
-        lat = window_multiple(unet)  # lq multiple m: m * scale / factor divisible by lat
+    def __init__(self, model: ResShift, seed: int = 0):
+        self.model = model.eval().requires_grad_(False)
+        self.unet, self.diffusion = model.unet, model.diffusion
+        self.scale, self.seed = model.scale, int(seed)
+        self.factor = latent_factor(model.autoencoder)
+        lat = window_multiple(self.unet)  # lq multiple m: m * scale / factor divisible by lat
         self.multiple = lat * self.factor // math.gcd(lat * self.factor, self.scale)
-        self.latent_channels = unet.out[-1].out_channels
+        self.latent_channels = self.unet.out[-1].out_channels
 
     @property
     def device(self) -> torch.device:
@@ -89,8 +89,7 @@ class ResShiftOneStep:
 
     @property
     def num_params(self) -> int:
-        modules = (self.unet, self.autoencoder)
-        return sum(p.numel() for m in modules for p in m.parameters())
+        return sum(p.numel() for p in self.model.parameters())
 
     def latent_size(self, h: int, w: int) -> tuple[int, int]:
         if (h * self.scale) % self.factor or (w * self.scale) % self.factor:
@@ -109,7 +108,8 @@ class ResShiftOneStep:
 
     @torch.no_grad()
     def prepare(self, lq: torch.Tensor, noise: torch.Tensor | None):
-        """(z_y, UNet condition, padded noise, (h, w)) as ``ResShiftRecipe.latents`` makes them."""
+        """(cond = {"z_y", "lq"}, padded noise, (h, w)): lq padded as the official sampler,
+        then ``ResShift.prepare`` (the rule training used)."""
         if lq.ndim != 4 or lq.shape[1] != 3:
             raise ValueError(f"lq must be [B, 3, h, w], got {tuple(lq.shape)}")
         h, w = lq.shape[-2:]
@@ -118,27 +118,19 @@ class ResShiftOneStep:
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        y = pad_bottom_right(lq.to(self.device, torch.float32) * 2 - 1, ph, pw)
-        noise = noise.to(self.device, torch.float32)
-        noise = pad_bottom_right(noise, *self.latent_size(ph, pw))
-        y_up = F.interpolate(y, scale_factor=self.scale, mode="bicubic", align_corners=False)
-        z_y = self.autoencoder.encode(y_up)
-        cond = y_up if z_y.shape[-2:] == y_up.shape[-2:] else y  # as recipes.resshift
-        return z_y, cond, noise, (h, w)
-
-    def denoise_fn(self, cond: torch.Tensor):
-        return lambda x, t: self.unet(x, t, lq=cond)
+        cond = self.model.prepare(pad_bottom_right(lq.to(self.device, torch.float32), ph, pw))
+        noise = pad_bottom_right(noise.to(self.device, torch.float32), *self.latent_size(ph, pw))
+        return cond, noise, (h, w)
 
     def finish(self, z0: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        sr = self.autoencoder.decode(z0)[..., : hw[0] * self.scale, : hw[1] * self.scale]
-        return (sr.clamp(-1, 1) + 1) / 2
+        sr = self.model.decode(z0)
+        return sr[..., : hw[0] * self.scale, : hw[1] * self.scale]
 
     @torch.no_grad()
     def __call__(self, lq: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        z_y, cond, noise, hw = self.prepare(lq, noise)
-        z_t = self.diffusion.prior_sample(z_y, noise)
-        t = self.diffusion.num_timesteps - 1
-        return self.finish(self.diffusion.denoise(self.denoise_fn(cond), z_t, t), hw)
+        cond, noise, hw = self.prepare(lq, noise)
+        z_T = self.diffusion.prior_sample(cond["z_y"], noise)
+        return self.finish(self.model.one_step(self.unet, z_T, cond), hw)
 
 
 class ResShiftMultiStep(ResShiftOneStep):
@@ -146,17 +138,17 @@ class ResShiftMultiStep(ResShiftOneStep):
     ``"deterministic"`` (SinSR's ODE-like chain). Prior noise as :class:`ResShiftOneStep`; the
     per-step noise of the stochastic sampler comes from a generator seeded with ``seed + 1``."""
 
-    def __init__(self, unet, autoencoder, diffusion, scale, seed=0, sampler="stochastic"):
-        super().__init__(unet, autoencoder, diffusion, scale, seed)
+    def __init__(self, model: ResShift, seed: int = 0, sampler: str = "stochastic"):
+        super().__init__(model, seed)
         if sampler not in ("stochastic", "deterministic"):
             raise ValueError(f"sampler must be 'stochastic' or 'deterministic', got {sampler!r}")
         self.sampler = sampler
-        self.steps = diffusion.num_timesteps
+        self.steps = self.diffusion.num_timesteps
 
     @torch.no_grad()
     def __call__(self, lq: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        z_y, cond, noise, hw = self.prepare(lq, noise)
-        fn = self.denoise_fn(cond)
+        cond, noise, hw = self.prepare(lq, noise)
+        fn, z_y = self.model.denoise_fn(self.unet, cond), cond["z_y"]
         if self.sampler == "deterministic":
             z0 = self.diffusion.sample_deterministic(fn, z_y, noise_prior=noise)
         else:
@@ -210,14 +202,14 @@ def _locate(path: Path, which: str, config, engine: str | None) -> tuple[Path, P
     return weights, cfg_path
 
 
-def resshift_section(method, source):
-    """The part of a recipe config describing the ResShift network: the config itself
-    (``resshift``) or its ``teacher`` (distillation recipes, whose student copies the teacher)."""
-    fields = ("unet", "schedule", "autoencoder", "scale")
-    for section in (method, getattr(method, "teacher", None)):
-        if section is not None and all(hasattr(section, k) for k in fields):
-            return section
-    raise ValueError(f"{source}: the recipe config has no ResShift UNet ({', '.join(fields)})")
+def student_spec(cfg, source) -> ResShiftSpec:
+    """The ResShift network a run exports (its recipe's ``student_spec``)."""
+    from distsr.registry import get_recipe
+
+    spec = get_recipe(cfg.recipe).student_spec(cfg.method)
+    if not isinstance(spec, ResShiftSpec):
+        raise ValueError(f"{source}: recipe {cfg.recipe} does not export a ResShift network")
+    return spec
 
 
 def load_unet(
@@ -231,11 +223,11 @@ def load_unet(
     folder (``config.yaml`` + ``export/<engine>[_ema].safetensors``; engine default: the
     student, else ``unet``) or from a weights file (official ``.pth`` or exported
     ``.safetensors``) plus ``config``. ``unet_checkpoint`` of the config is not read."""
-    from distsr.runconfig import load_run_config, method_config
+    from distsr.runconfig import load_run_config
 
     weights, cfg_path = _locate(Path(run_dir_or_weights).expanduser(), which, config, engine)
     cfg = load_run_config(str(cfg_path))
-    section = resshift_section(method_config(cfg), cfg_path)
+    section = student_spec(cfg, cfg_path)
     unet = UNetModelSwin(**section.unet)
     load_official_state_dict(weights, unet, model_name=f"the UNet of {cfg_path}")
     return unet.eval(), section, cfg_path
@@ -259,11 +251,9 @@ def load_predictor(
     """
     if steps not in ("one", "all"):
         raise ValueError(f"steps must be 'one' or 'all', got {steps!r}")
-    unet, method, _ = load_unet(run_dir_or_weights, which, config=config, engine=engine)
+    unet, spec, _ = load_unet(run_dir_or_weights, which, config=config, engine=engine)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autoencoder = build_autoencoder(method.autoencoder).to(device)
-    diffusion = ResShiftDiffusion(method.schedule)
-    unet = unet.to(device)
+    model = ResShift(spec, unet=unet).to(device)
     if steps == "one":
-        return ResShiftOneStep(unet, autoencoder, diffusion, method.scale, seed)
-    return ResShiftMultiStep(unet, autoencoder, diffusion, method.scale, seed, sampler)
+        return ResShiftOneStep(model, seed)
+    return ResShiftMultiStep(model, seed, sampler)

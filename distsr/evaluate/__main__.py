@@ -1,0 +1,5 @@
+import sys
+
+from distsr.evaluate.cli import main
+
+sys.exit(main())

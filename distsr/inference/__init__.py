@@ -1,0 +1,1 @@
+"""Inference: super-resolution predictors (``predictors``) and tiled upscaling (``tiling``)."""

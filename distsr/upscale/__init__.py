@@ -1,0 +1,1 @@
+"""``python -m distsr.upscale``: upscale images with a student, or export it (``cli``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from distsr.upscale.cli import main
+
+sys.exit(main())
