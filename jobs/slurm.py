@@ -213,6 +213,24 @@ def wait_for_head(head: subprocess.Popen, ip: str, agent_port: int, timeout: flo
         wait_until(lambda: job_api_answers(jobs_url, token_path), api, timeout, head)
 
 
+def latest_cluster_file() -> Path:
+    """The machine's "latest cluster" file: `ray start` writes it, `ray stop` removes it."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def forget_cluster(gcs_port: int) -> None:
+    """Drop the latest-cluster file if it names the (stopped) cluster at ``gcs_port``, as
+    ``ray stop`` does for the clusters it stops; we stop ours by signal, for ``ray stop`` would
+    stop every cluster here. A stale file makes Ray processes with no RAY_ADDRESS (Ray Train's
+    PlacementGroupCleaner in a later local run) poll a dead address."""
+    path = latest_cluster_file()
+    with contextlib.suppress(OSError):
+        if path.read_text().strip().rsplit(":", 1)[-1] == str(gcs_port):
+            path.unlink()
+
+
 def node_ip(local: bool) -> str:
     if local:
         return "127.0.0.1"
@@ -228,10 +246,11 @@ class RayClusterJob(Checkpointable):
                  cpus: int | None, local: bool):  # fmt: skip
         self.command, self.cwd, self.folder, self.token = command, cwd, folder, token
         self.gpus, self.cpus, self.local = gpus, cpus, local
-        self._head = self._child = self._head_file = None
+        self._head = self._child = self._head_file = self._gcs_port = None
 
     def __getstate__(self) -> dict:  # processes stay behind when pickled for the requeue
-        return {**self.__dict__, "_head": None, "_child": None, "_head_file": None}
+        return {**self.__dict__, "_head": None, "_child": None, "_head_file": None,
+                "_gcs_port": None}  # fmt: skip
 
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
@@ -255,6 +274,7 @@ class RayClusterJob(Checkpointable):
         address = f"{ip}:{ports.gcs}"  # RAY_ADDRESS for Ray's own processes too (no "auto")
         cmd = self.ray_start(ports, "--head", f"--node-ip-address={ip}", *ports.head_flags())
         head_env = ray_env(self.token, RAY_ADDRESS=address, **HEAD_ENV)
+        self._gcs_port = ports.gcs
         self._head = spawn(cmd, head_env, log=self.folder / f"{env.job_id}_ray_head.log")
         wait_for_head(self._head, ip, ports.agent, HEAD_TIMEOUT_S)
         tmp = head_file.with_name(head_file.name + ".tmp")
@@ -279,6 +299,7 @@ class RayClusterJob(Checkpointable):
                    interval=2)  # fmt: skip
         address = head_file.read_text().strip()
         cmd = self.ray_start(ports, f"--address={address}")
+        self._gcs_port = ports.gcs
         self._head = spawn(cmd, ray_env(self.token, RAY_ADDRESS=address))
         while self._head.poll() is None:  # until the head goes away
             time.sleep(1)
@@ -289,7 +310,9 @@ class RayClusterJob(Checkpointable):
         stop(self._head, grace=60)
         if self._head_file is not None:
             self._head_file.unlink(missing_ok=True)
-        self._head = self._child = self._head_file = None
+        if self._gcs_port is not None:
+            forget_cluster(self._gcs_port)
+        self._head = self._child = self._head_file = self._gcs_port = None
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
         """Called by submitit's preemption/timeout signal handler on node 0; requeues.

@@ -61,6 +61,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
         yield url, env, gcs
     finally:
         slurm.stop(head, grace=60)
+        slurm.forget_cluster(gcs)
     assert head.returncode is not None
 
 
@@ -131,7 +132,10 @@ def test_slurm_local_job_is_preempted_requeued_and_resumes(tiny_shards, tmp_path
     logged = steps(run_dir)
     assert logged[-1] == 10 and logged.count(10) == 1
     assert (run_dir / "step_00000010" / "client_state.pt").exists()
-    assert port_is_free(slurm.RayPorts.for_job(job.job_id).gcs)  # the job's Ray is gone
+    gcs = slurm.RayPorts.for_job(job.job_id).gcs
+    assert port_is_free(gcs)  # the job's Ray is gone, and no Ray process is pointed at it
+    latest = slurm.latest_cluster_file()
+    assert not latest.exists() or not latest.read_text().strip().endswith(f":{gcs}")
 
 
 def test_job_ports_do_not_collide_and_stay_below_the_ephemeral_range():

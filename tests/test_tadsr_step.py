@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distsr.fingerprint import hash_modules
 from distsr.recipes.tadsr import DiscriminatorConfig, TadsrConfig, TadsrRecipe
-from distsr.teachers.base import Teacher, hash_modules
+from distsr.teachers.base import Teacher
 
 T_TOY = 6
 

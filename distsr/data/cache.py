@@ -54,7 +54,7 @@ import torch
 
 from distsr.data.reader import SkipCounter, collate, iter_samples
 from distsr.data.shards import AtomicTarWriter, write_json_atomic
-from distsr.teachers.base import fingerprint_of, parts_differ
+from distsr.fingerprint import fingerprint_of, parts_differ
 
 TEACHER_JSON = "teacher.json"
 MANIFEST = "manifest.json"

@@ -111,12 +111,15 @@ class ResBlock(nn.Module):
         use_scale_shift_norm=False,
         up=False,
         down=False,
+        norm_groups=32,
     ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(channels, norm_groups),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.updown = up or down
         if up:
@@ -128,7 +131,7 @@ class ResBlock(nn.Module):
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels),
+            GroupNorm32(out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -163,6 +166,11 @@ class UNetModelSwin(nn.Module):
     ``num_heads`` is used only when ``num_head_channels == -1``; otherwise every Swin layer has
     ``swin_embed_dim // num_head_channels`` heads. ``use_fp16`` (official) casts the torso input and
     time embedding to float16, which needs :meth:`convert_to_fp16`; without it no cast is done.
+
+    ``norm_groups`` (not an official kwarg; default 32 as the official network) is the group
+    count of every GroupNorm. Keep a few channels per group: with ``model_channels = 32`` and 32
+    groups the output head's norm is an instance norm, which removes each feature map's spatial
+    mean, and the predicted image's colour with it. Parameter names and shapes do not depend on it.
     """
 
     def __init__(
@@ -190,6 +198,7 @@ class UNetModelSwin(nn.Module):
         cond_lq=True,
         cond_mask=False,
         lq_size=256,
+        norm_groups=32,
     ):
         super().__init__()
         if dims != 2:
@@ -220,10 +229,14 @@ class UNetModelSwin(nn.Module):
             depth=swin_depth,
             mlp_ratio=mlp_ratio,
             patch_norm=patch_norm,
+            norm_groups=norm_groups,
         )
         emb_dim = model_channels * 4
         self._block_kw = dict(
-            emb_channels=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm
+            emb_channels=emb_dim,
+            dropout=dropout,
+            use_scale_shift_norm=use_scale_shift_norm,
+            norm_groups=norm_groups,
         )
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -239,7 +252,9 @@ class UNetModelSwin(nn.Module):
         self.middle_block = TimestepEmbedSequential(self._res(ch), swin_mid, self._res(ch))
         self._build_decoder(skips, widths, ds, attn_res, updown)
         self.out = nn.Sequential(
-            GroupNorm32(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], out_channels, 3, padding=1)
+            GroupNorm32(widths[0], norm_groups),
+            nn.SiLU(),
+            nn.Conv2d(widths[0], out_channels, 3, padding=1),
         )
 
     def _res(self, ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:

@@ -12,10 +12,17 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C, eps=1e-5) computed in float32, returned in the input dtype (README §1)."""
+    """GroupNorm(groups, C, eps=1e-5) computed in float32, returned in the input dtype.
 
-    def __init__(self, channels: int):
-        super().__init__(32, channels)
+    The official network always uses 32 groups (README §1). ``groups`` exists for narrow UNets:
+    with C = 32 channels, 32 groups hold one channel each, an instance norm that removes every
+    feature map's spatial mean, so a flat input loses its level after the norm.
+    """
+
+    def __init__(self, channels: int, groups: int = 32):
+        if groups < 1 or channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        super().__init__(groups, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
@@ -122,7 +129,14 @@ class SwinTransformerBlock(nn.Module):
     """x + WMSA(GN(x)) with cyclic shift, then x + MLP(GN(x)); NCHW in and out."""
 
     def __init__(
-        self, dim, input_resolution, num_heads, window_size=8, shift_size=0, mlp_ratio=4.0
+        self,
+        dim,
+        input_resolution,
+        num_heads,
+        window_size=8,
+        shift_size=0,
+        mlp_ratio=4.0,
+        norm_groups=32,
     ):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
@@ -132,9 +146,9 @@ class SwinTransformerBlock(nn.Module):
         if not 0 <= shift_size < window_size:
             raise ValueError(f"shift_size {shift_size} must lie in [0, window_size={window_size})")
         self.window_size, self.shift_size = window_size, shift_size
-        self.norm1 = GroupNorm32(dim)
+        self.norm1 = GroupNorm32(dim, norm_groups)
         self.attn = WindowAttention(dim, window_size, num_heads)
-        self.norm2 = GroupNorm32(dim)
+        self.norm2 = GroupNorm32(dim, norm_groups)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         # stored for checkpoint compatibility only: the official block never reads it (README §1)
         mask = resshift_shift_mask(*self.input_resolution, window_size, shift_size)
@@ -164,10 +178,12 @@ class SwinTransformerBlock(nn.Module):
 class PatchEmbed(nn.Module):
     """1x1 conv into the Swin width (patch size 1), optional GroupNorm."""
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_norm: bool = False):
+    def __init__(
+        self, in_chans: int, embed_dim: int, patch_norm: bool = False, norm_groups: int = 32
+    ):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, 1)
-        self.norm = GroupNorm32(embed_dim) if patch_norm else nn.Identity()
+        self.norm = GroupNorm32(embed_dim, norm_groups) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
@@ -176,10 +192,12 @@ class PatchEmbed(nn.Module):
 class PatchUnEmbed(nn.Module):
     """1x1 conv back to the UNet width, optional GroupNorm."""
 
-    def __init__(self, out_chans: int, embed_dim: int, patch_norm: bool = False):
+    def __init__(
+        self, out_chans: int, embed_dim: int, patch_norm: bool = False, norm_groups: int = 32
+    ):
         super().__init__()
         self.proj = nn.Conv2d(embed_dim, out_chans, 1)
-        self.norm = GroupNorm32(out_chans) if patch_norm else nn.Identity()
+        self.norm = GroupNorm32(out_chans, norm_groups) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
@@ -201,14 +219,15 @@ class BasicLayer(nn.Module):
         img_size: int = 64,
         mlp_ratio: float = 4.0,
         patch_norm: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
-        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_norm)
-        self.patch_unembed = PatchUnEmbed(in_chans, embed_dim, patch_norm)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_norm, norm_groups)
+        self.patch_unembed = PatchUnEmbed(in_chans, embed_dim, patch_norm, norm_groups)
         res = (img_size, img_size)
         shifts = [0 if i % 2 == 0 else window_size // 2 for i in range(depth)]  # odd blocks shift
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(embed_dim, res, num_heads, window_size, s, mlp_ratio)
+            SwinTransformerBlock(embed_dim, res, num_heads, window_size, s, mlp_ratio, norm_groups)
             for s in shifts
         )
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from distsr.teachers.base import Teacher, hash_modules
+from distsr.fingerprint import hash_modules
+from distsr.teachers.base import Teacher
 
 
 class RegressionTeacher(Teacher):

@@ -16,8 +16,9 @@ from typing import Literal
 
 import torch
 
+from distsr.fingerprint import hash_modules
 from distsr.models.resshift import ResShift, ResShiftSpec, build_unet, feature_channels
-from distsr.teachers.base import Teacher, hash_modules
+from distsr.teachers.base import Teacher
 
 SAMPLERS = ("deterministic", "stochastic")
 
