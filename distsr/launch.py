@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import socket
 import sys
+from collections.abc import Iterator
 
 import yaml
 
@@ -52,23 +55,50 @@ def dry_run(cfg: RunConfig, missing: list[tuple[str, str]]) -> None:
             print(f"#   {key}: {msg}")
 
 
-def connect_ray(cfg: RunConfig):
+@contextlib.contextmanager
+def ray_session(num_cpus: int, tag: str = "distsr") -> Iterator[None]:
+    """Ray for the with-block: the session this process already has, the cluster at
+    ``RAY_ADDRESS``, or a new private local cluster (shut down at the end), never another one.
+
+    The private cluster names its own address: the GCS port is chosen here and ``RAY_ADDRESS``
+    points at it for every process of the cluster. Ray 2.60's ``PlacementGroupCleaner`` (added in
+    ray-project/ray PR #58515) looks its controller up without an address, so without this it
+    falls back to ``/tmp/ray/ray_current_cluster`` — the last ``ray start`` on the machine, often
+    another or a dead cluster — times out on that GCS and prints tracebacks after a successful
+    run (its loop catches only ``RayStateApiException``)."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        where = f"the cluster at RAY_ADDRESS={address}"
+    if ray.is_initialized():
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    if saved["RAY_ADDRESS"]:
+        ray.init(address=saved["RAY_ADDRESS"])
+        where = f"the cluster at RAY_ADDRESS={saved['RAY_ADDRESS']}"
     else:
-        needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)))
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus))
         where = "a new local Ray cluster (set RAY_ADDRESS to use another)"
     resources = ray.cluster_resources()
-    print(
-        f"[distsr] running on {where}: {resources.get('CPU', 0):g} CPUs, "
-        f"{resources.get('GPU', 0):g} GPUs",
-        flush=True,
-    )
+    print(f"[{tag}] running on {where}: {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs", flush=True)  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def run(cfg: RunConfig) -> dict:
@@ -80,13 +110,11 @@ def run(cfg: RunConfig) -> dict:
 
         store = LocalStore(cfg.run_dir, cfg.engine.checkpoint.keep)
         return train_worker(cfg, init_in_process(), store)
-    import ray
-
     from distsr.engine.ray_adapter import fit
 
-    if not ray.is_initialized():
-        connect_ray(cfg)
-    result = fit(cfg)
+    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    with ray_session(needed):
+        result = fit(cfg)
     if result.error is not None:
         raise result.error
     return dict(result.metrics or {})

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 
 from distsr.data.cache import TeacherCache, shard_names
 from distsr.data.reader import list_shards
+from distsr.launch import ray_session
 from distsr.teachers.cache_job import (
     ShardLedger,
     ShardWorker,
@@ -40,27 +40,6 @@ from distsr.teachers.config import CacheJobConfig
 
 log = logging.getLogger("cache_teacher")
 __all__ = ["load_config", "main", "run"]
-
-
-def connect_ray(cfg: CacheJobConfig) -> bool:
-    """Join ``RAY_ADDRESS`` or start a private local cluster, unless Ray is already initialised
-    (then use it). Returns whether this call started Ray (so the job shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        where = f"the cluster at RAY_ADDRESS={address}"
-    else:
-        needed = math.ceil(cfg.num_actors * cfg.cpus_per_actor)
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed))
-        where = "a new local Ray cluster (set RAY_ADDRESS to use another)"
-    resources = ray.cluster_resources()
-    print(f"[cache] Ray: {where}: {resources.get('CPU', 0):g} CPUs, "
-          f"{resources.get('GPU', 0):g} GPUs", flush=True)  # fmt: skip
-    return True
 
 
 def start_actors(cfg: CacheJobConfig, count: int) -> list:
@@ -140,27 +119,26 @@ def run(cfg: CacheJobConfig, progress: bool = True) -> dict:
 
     urls = list_shards(cfg.shards)
     shard_names(urls)  # unique names, checked before any actor starts
-    started = connect_ray(cfg)
-    actors: list = []
-    try:
-        actors = start_actors(cfg, actor_budget(cfg, len(urls)))
-        cache = open_cache(cfg, describe_teacher(actors))
-        if cache.remove_temp_files():
-            log.info("removed the temp files of an interrupted run")
-        plan = plan_shards(cache, urls)
-        announce(cache, plan)
-        for actor in actors[max(1, len(plan.tasks)) :]:
-            ray.kill(actor)
-        actors = actors[: max(1, len(plan.tasks))]
-        with plan.progress_bar(progress) as bar:
-            ledger = ShardLedger(cache, cfg.retries, bar)
-            run_pool(cfg, actors, cache, ledger, plan.tasks)
-        cache.remove_temp_files()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
+    needed = math.ceil(cfg.num_actors * cfg.cpus_per_actor)
+    with ray_session(needed, tag="cache"):
+        actors: list = []
+        try:
+            actors = start_actors(cfg, actor_budget(cfg, len(urls)))
+            cache = open_cache(cfg, describe_teacher(actors))
+            if cache.remove_temp_files():
+                log.info("removed the temp files of an interrupted run")
+            plan = plan_shards(cache, urls)
+            announce(cache, plan)
+            for actor in actors[max(1, len(plan.tasks)) :]:
+                ray.kill(actor)
+            actors = actors[: max(1, len(plan.tasks))]
+            with plan.progress_bar(progress) as bar:
+                ledger = ShardLedger(cache, cfg.retries, bar)
+                run_pool(cfg, actors, cache, ledger, plan.tasks)
+            cache.remove_temp_files()
+        finally:
+            for actor in actors:
+                ray.kill(actor)
     return ledger.summary(plan)
 
 

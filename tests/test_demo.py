@@ -25,6 +25,7 @@ def test_demo_pipeline_writes_the_report(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     assert f"report: {out / 'report.md'}" in log
+    assert "Traceback" not in log  # a successful run prints none (launch.ray_session)
     report = (out / "report.md").read_text()
     for column in ("bicubic", "teacher", "student", "psnr"):
         assert column in report.lower()

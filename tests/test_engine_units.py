@@ -153,3 +153,42 @@ def test_local_store_keeps_newest_and_ignores_half_written(tmp_path):
     with store.latest() as folder:
         assert folder.name == "step_00000030"
         assert (folder / CLIENT_STATE).read_text() == "30"
+
+
+def _checkpoints(run_dir, marked: list[int], unmarked: list[int]) -> None:
+    from distsr.engine.ray_adapter import COMPLETE
+
+    for step in marked + unmarked:
+        (run_dir / f"step_{step:08d}").mkdir(parents=True)
+        (run_dir / f"step_{step:08d}" / CLIENT_STATE).write_text(str(step))
+    for step in marked:
+        (run_dir / f"step_{step:08d}" / COMPLETE).write_text("")
+
+
+def test_a_run_folder_checkpoint_without_the_marker_is_never_resumed(tmp_path):
+    from distsr.engine.ray_adapter import resume_folder
+
+    run = tmp_path / "run"
+    _checkpoints(run, marked=[2], unmarked=[4])
+    assert resume_folder(run, None) == run / "step_00000002"
+    # Ray registered step 4 but its rank 0 died before marking it: not taken either
+    assert resume_folder(run, str(run / "step_00000004")) == run / "step_00000002"
+    assert resume_folder(tmp_path / "empty", None) is None
+    _checkpoints(tmp_path / "none", marked=[], unmarked=[6])
+    assert resume_folder(tmp_path / "none", str(tmp_path / "none" / "step_00000006")) is None
+
+
+def test_the_newer_of_rays_checkpoint_and_the_newest_marked_folder_wins(tmp_path):
+    from distsr.engine.ray_adapter import resume_folder
+
+    run = tmp_path / "run"
+    _checkpoints(run, marked=[2, 4, 6], unmarked=[8])
+    # Ray's registry lags (the driver died right after a report): the marked folder is newer
+    assert resume_folder(run, str(run / "step_00000004")) == run / "step_00000006"
+    assert resume_folder(run, None) == run / "step_00000006"
+    # Ray's checkpoint stored elsewhere (remote storage, no markers) and newer: Ray's wins
+    remote = tmp_path / "bucket" / "run" / "step_00000010"
+    assert resume_folder(run, str(remote)) == remote
+    assert resume_folder(run, str(tmp_path / "bucket" / "run" / "step_00000004")) == (
+        run / "step_00000006"
+    )

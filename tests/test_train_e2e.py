@@ -69,15 +69,16 @@ def test_launch_trains_with_two_ray_workers_then_resumes_after_kill(tiny_shards,
     assert saved, "a checkpoint must exist before the kill"
     newest = int(saved[-1].split("_")[1])
     assert killed_at < 40
+    logged_before = len(read_metrics(run_dir))
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "resumed from" in out and f"at step {newest}" in out
     metrics = read_metrics(run_dir)
-    resumed = [m["step"] for m in metrics][len([m for m in metrics if m["step"] <= killed_at]) :]
-    # after the resume, logging continues after the checkpoint step: nothing before it repeats
-    assert resumed[0] > newest and resumed[-1] == 40
+    resumed = [m["step"] for m in metrics[logged_before:]]
+    # the second launch logs exactly the steps after the checkpoint it resumed from
+    assert resumed == list(range(newest + 5, 41, 5))
     losses = [m["loss/unet"] for m in metrics]
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
     assert ray_checkpoints(run_dir)[-1] == "step_00000040"
@@ -147,6 +148,10 @@ def test_zero_stage_runs_with_two_workers(ray_cluster, tiny_shards, tmp_path, st
 
 
 def test_in_process_run_resumes_and_keeps_ema(tiny_shards, tmp_path):
+    """The resumed run continues the saved EMA: its shadow after step 5 is exactly the saved
+    step-4 shadow moved towards the step-5 weights (a lost or rebuilt EMA fails this)."""
+    from safetensors.torch import load_file
+
     base = tiny_overrides(
         tmp_path, tiny_shards, "name=inproc", "scaling.ray=false", "scaling.num_workers=1",
         "engine.log_every=1", "engine.checkpoint.every_steps=2", "engine.zero_stage=0",
@@ -156,13 +161,17 @@ def test_in_process_run_resumes_and_keeps_ema(tiny_shards, tmp_path):
     ckpt = tmp_path / "inproc" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000002", "step_00000004"]
     ema_before = torch.load(ckpt / "step_00000004" / "client_state.pt", weights_only=False)["ema"]
-    second = run(load_run_config("resshift_tiny", [*base, "engine.max_steps=6"]))
-    assert second["step"] == 6
+    second = run(load_run_config("resshift_tiny", [*base, "engine.max_steps=5"]))
+    assert second["step"] == 5
     steps = [m["step"] for m in read_metrics(tmp_path / "inproc")]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    ema_after = torch.load(ckpt / "step_00000006" / "client_state.pt", weights_only=False)["ema"]
-    name = next(iter(ema_before["unet"]["shadow"]))
-    assert not torch.equal(ema_before["unet"]["shadow"][name], ema_after["unet"]["shadow"][name])
+    assert steps == [1, 2, 3, 4, 5]
+    weights = load_file(tmp_path / "inproc" / "export" / "unet.safetensors")  # after step 5
+    ema = load_file(tmp_path / "inproc" / "export" / "unet_ema.safetensors")
+    decay = ema_before["unet"]["decay"]
+    for name, shadow in ema_before["unet"]["shadow"].items():
+        # EMA.update's own operation on the same fp32 tensors: bit-equal
+        assert torch.equal(ema[name], shadow.clone().lerp_(weights[name], 1 - decay)), name
+        assert not torch.equal(ema[name], weights[name])
 
 
 def test_corrupt_shards_are_skipped_counted_and_training_continues(tiny_shards, tmp_path):

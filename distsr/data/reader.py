@@ -1,19 +1,34 @@
-"""Reading training shards: resampled WebDataset shards -> decoded, cropped, batched ``gt``/``lq``.
+"""Reading training shards: an endless, resumable stream of decoded, cropped, batched
+``gt``/``lq``.
 
-Steps, not epochs (see docs: ZeRO-3 forwards are collective): each rank draws shards *with
-replacement* from its own seeded stream (``seed``, ``rank``, ``start_step``; a resumed run
-does not replay the first run's stream), so the stream never ends and every rank yields
-exactly ``steps`` batches. DataLoader workers get their own sub-streams.
+Steps, not epochs (see docs: ZeRO-3 forwards are collective): the stream never ends and every
+rank yields exactly ``steps`` batches. Each rank has ``slots`` readers (one per DataLoader
+worker, or one without workers). Reader ``slot`` of ``rank`` makes its ``read``-th shard read
+at global index g = (read * slots + slot) * world_size + rank: pass ``g // N`` is a seeded
+permutation of the N shards shared by all ranks, and g picks its entry ``g % N``. So within a
+pass no two readers (of any rank or worker) read the same shard, every shard is read once per
+pass, and the stream is a pure function of (seed, position): nothing is drawn with replacement.
+
+Shuffling is by blocks: a reader's samples are cut into consecutive blocks of ``shuffle``
+samples, each permuted by a seed of (seed, rank, slot, block); each sample's crop has its own
+seed too. A reader's position is therefore four integers, ``{read, offset, block, taken}``:
+block ``block`` starts at sample ``offset`` of shard read ``read`` and ``taken`` of its samples
+have been yielded. ``TrainLoader.state_dict()`` holds every reader's position after the last
+batch handed out; ``make_train_loader(..., state=...)`` continues exactly there (it re-reads at
+most one shard prefix and one block, decoding nothing it skips). A state saved under another
+layout (world size, workers, shard count or shuffle size) cannot continue: the reader then
+warns and starts fresh streams seeded by ``start_step``, as does a resume without a state.
 
 Corrupt data (an unreadable or truncated shard, an undecodable PNG, a missing field) is
 skipped with one warning per shard/sample naming the shard url and key. Each skip is counted in
 the ``"skipped"`` field of the next batch the same process yields, so summing that field over
 the batches gives the total with or without worker processes; ``TrainLoader.skipped`` holds
-the running sum. A stream that gives no usable sample for a long while raises instead of
+the running sum. Skips met again while a resumed reader re-reads what it had already passed
+are not counted twice. A stream that gives no usable sample for a long while raises instead of
 spinning forever.
 
-One pipeline, built as a list of stages (open_clip's ``get_wds_dataset`` style): resampled
-shard urls -> read -> [join the teacher cache] -> shuffle -> decode -> batch. With a
+One pipeline, built as a list of stages (open_clip's ``get_wds_dataset`` style): shard reads
+-> [join the teacher cache] -> block shuffle -> decode -> batch. With a
 ``data.cache.TeacherCache`` the join stage is added: input shard i and its cache shard are read
 in lockstep and joined by ``__key__`` before the shuffle, and each batch carries
 ``batch["cache"] = {field: [B, ...], "seed": int64 [B, K], "fingerprint": str}``. An input
@@ -32,6 +47,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +131,12 @@ class SkipCounter:
         count, self._pending = self._pending, 0
         return count
 
+    def discard(self) -> None:
+        """Forget the skips since the last ``take``: a resumed reader met them again while
+        re-reading data whose skips were counted before the checkpoint."""
+        self.total -= self._pending
+        self._pending = 0
+
     def _dry_step(self, url) -> None:
         self._dry += 1
         if self.max_dry is not None and self._dry > self.max_dry:
@@ -195,19 +217,110 @@ def _is_corrupt(sample: dict) -> str | None:
     return None
 
 
-def _shuffle(src, bufsize: int, seed: int):
-    if bufsize <= 1:
-        yield from src
-        return
-    rng = random.Random(stable_seed(seed, _worker_index(), "shuffle"))
-    yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(src)
+@dataclass
+class StreamPlan:
+    """Where this rank's readers start: ``positions[slot]`` (see the module doc). DataLoader
+    worker w plays reader ``(first + w) % slots``, so the rank's batches keep their order when
+    a resumed loader starts at another worker (workers take turns, batch by batch)."""
+
+    urls: list[str]
+    seed: int
+    rank: int
+    world_size: int
+    slots: int
+    block: int
+    first: int = 0
+    positions: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.positions:
+            self.positions = [dict(START) for _ in range(self.slots)]
+
+    def layout(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "slots": self.slots,
+                "shards": len(self.urls), "shuffle": self.block}  # fmt: skip
+
+    def slot(self) -> tuple[int, dict]:
+        """This worker's reader and its start position."""
+        slot = (self.first + _worker_index()) % self.slots
+        return slot, self.positions[slot]
+
+    def shard(self, slot: int, read: int) -> str:
+        """The shard of reader ``slot``'s ``read``-th read (module doc)."""
+        g = (read * self.slots + slot) * self.world_size + self.rank
+        n = len(self.urls)
+        return self.urls[_pass_order(self.seed, g // n, n)[g % n]]
+
+    def seed_of(self, slot: int, *parts) -> int:
+        return stable_seed(self.seed, self.rank, slot, *parts)
 
 
-def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, seed: int,
-            cache=None):  # fmt: skip
+START = {"read": 0, "offset": 0, "block": 0, "taken": 0}
+
+
+@functools.lru_cache(maxsize=8)
+def _pass_order(seed: int, index: int, n: int) -> tuple[int, ...]:
+    """Pass ``index`` of the shards: a permutation of range(n), the same on every rank."""
+    order = list(range(n))
+    random.Random(stable_seed(seed, "pass", index)).shuffle(order)
+    return tuple(order)
+
+
+def _reads(plan: StreamPlan, counter: SkipCounter, cache=None):
+    """Source stage: this worker's reader as ``(read, offset, raw sample)`` from its start
+    position, shard read after shard read (joined with the cache when there is one)."""
+    slot, start = plan.slot()
+    read, skip = start["read"], start["offset"]
+    while True:
+        url = plan.shard(slot, read)
+        counter.shard_opened(url)
+        samples = _tag_read(_read_one(url, counter), read)
+        if cache is not None:
+            samples = _join_cache(samples, cache, counter)
+        for offset, sample in enumerate(samples):
+            if offset < skip:  # passed before the checkpoint: not decoded, skips not recounted
+                if offset == skip - 1:
+                    counter.discard()
+                continue
+            yield read, offset, sample
+        read, skip = read + 1, 0
+
+
+def _tag_read(samples, read: int):
+    for sample in samples:
+        sample["__pass__"] = read
+        yield sample
+
+
+def _shuffle_blocks(src, plan: StreamPlan, counter: SkipCounter):
+    """``(read, offset, sample)`` -> samples, each block of ``plan.block`` permuted by its own
+    seed; every sample carries the reader's position after it and its crop seed."""
+    slot, start = plan.slot()
+    size, block, taken = plan.block, start["block"], start["taken"]
+    while True:
+        group = list(itertools.islice(src, size))
+        if taken:  # resumed inside this block: its skips were counted before the checkpoint
+            counter.discard()
+        order = list(range(len(group)))
+        if size > 1:
+            random.Random(plan.seed_of(slot, "shuffle", block)).shuffle(order)
+        (read0, offset0, _), (read1, offset1, _) = group[0], group[-1]
+        for k in range(taken, len(group)):
+            sample = group[order[k]][2]
+            if k + 1 < len(group):
+                after = {"read": read0, "offset": offset0, "block": block, "taken": k + 1}
+            else:
+                after = {"read": read1, "offset": offset1 + 1, "block": block + 1, "taken": 0}
+            sample["__position__"] = (slot, after)
+            sample["__crop_seed__"] = plan.seed_of(slot, "crop", block, order[k])
+            yield sample
+        block, taken = block + 1, 0
+
+
+def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, cache=None):
     """Raw samples -> ``{__key__, __url__, gt, lq, meta}`` (float32 CHW in [0, 1]), plus
-    ``cache`` (the decoded cache fields) when reading with a teacher cache."""
-    rng = random.Random(stable_seed(seed, _worker_index(), "crop"))
+    ``cache`` (the decoded cache fields) when reading with a teacher cache. A random crop draws
+    from the sample's own ``__crop_seed__``."""
     for sample in src:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
@@ -219,12 +332,14 @@ def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, s
         if scale is not None:
             check_scale(gt, lq, scale, f"shard {url} sample {key}")
         if gt_size is not None:
-            gt, lq = paired_crop(gt, lq, gt_size, scale, rng)
+            gt, lq = paired_crop(gt, lq, gt_size, scale, random.Random(sample["__crop_seed__"]))
         counter.good()
         out = {"__key__": key, "__url__": url, "gt": to_tensor(gt), "lq": to_tensor(lq),
                "meta": meta}  # fmt: skip
         if cached is not None:
             out["cache"] = cached
+        if "__position__" in sample:
+            out["__position__"] = sample["__position__"]
         yield out
 
 
@@ -272,6 +387,7 @@ def _batch(src, counter: SkipCounter, batch_size: int, cache=None):
             batch = collate(group, skipped=counter.take())
             if cache is not None:
                 batch["cache"]["fingerprint"] = cache.fingerprint
+            batch["__position__"] = group[-1]["__position__"]  # the reader's, after this batch
             yield batch
 
 
@@ -298,26 +414,40 @@ def collate(samples: list[dict], skipped: int = 0) -> dict:
 
 
 class TrainLoader:
-    """Iterable of exactly ``steps`` batches; ``skipped`` sums the batches' skip counts."""
+    """Iterable of exactly ``steps`` batches; ``skipped`` sums the batches' skip counts;
+    ``state_dict()`` is where every reader stands after the last batch handed out."""
 
-    def __init__(self, dataset: wds.DataPipeline, steps: int, num_workers: int):
+    def __init__(self, dataset: wds.DataPipeline, steps: int, num_workers: int,
+                 plan: StreamPlan, batches: int = 0):  # fmt: skip
         self.dataset, self.steps, self.num_workers = dataset, steps, num_workers
+        self.plan = plan
         self.skipped = 0
+        self.batches = batches  # handed out by this stream, before a resume included
+        self.positions = [dict(p) for p in plan.positions]
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[dict]:
         source = self.dataset
-        if self.num_workers > 0:
-            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        if self.num_workers > 0:  # its own generator: the process RNG stays untouched
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
         count = 0
         for batch in itertools.islice(source, self.steps):
             self.skipped += batch["skipped"]
+            slot, after = batch.pop("__position__")
+            self.positions[slot] = after
+            self.batches += 1
             count += 1
             yield batch
-        if count != self.steps:  # cannot happen with resampled (infinite) streams
+        if count != self.steps:  # cannot happen with endless streams
             raise RuntimeError(f"data stream ended after {count} of {self.steps} batches")
+
+    def state_dict(self) -> dict:
+        """Plain ints and strings (saved in the checkpoint's client state)."""
+        return {"seed": self.plan.seed, "layout": self.plan.layout(), "batches": self.batches,
+                "positions": [dict(p) for p in self.positions]}  # fmt: skip
 
 
 def make_train_loader(
@@ -328,12 +458,14 @@ def make_train_loader(
     steps: int,
     seed: int,
     start_step: int = 0,
+    state: dict | None = None,
     cache=None,
 ) -> TrainLoader:
     """Exactly ``steps`` batches ``{gt [B,3,H,W], lq [B,3,h,w] float32 in [0,1], __key__,
-    meta, skipped}`` for this rank, from shards resampled with a per-rank seed. With ``cache``
-    (a ``data.cache.TeacherCache``, checked to cover every shard first) each batch also
-    carries ``batch["cache"]`` (see the module doc)."""
+    meta, skipped}`` for this rank. ``state`` (a ``TrainLoader.state_dict()``) continues that
+    stream exactly; without it a resumed run (``start_step`` > 0) gets fresh streams seeded by
+    ``start_step``. With ``cache`` (a ``data.cache.TeacherCache``, checked to cover every shard
+    first) each batch also carries ``batch["cache"]`` (see the module doc)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     problems = cfg.validate()
@@ -344,29 +476,27 @@ def make_train_loader(
     if cache is not None:
         cache.check_inputs(urls, gt_size)  # the same inputs; no random crop of cached targets
         gt_size = None
-    stream_seed = stable_seed(seed, rank, start_step)
+    slots = max(cfg.num_workers, 1)
+    plan = StreamPlan(urls, seed, rank, world_size, slots, block=max(cfg.shuffle, 1))
+    batches = 0
+    if state is not None and state["layout"] == plan.layout():
+        batches = state["batches"]
+        plan.seed, plan.first = state["seed"], batches % slots
+        plan.positions = [dict(p) for p in state["positions"]]
+    elif state is not None or start_step:
+        if state is not None:
+            log.warning("the saved data position was made for %s, this run reads %s: starting "
+                        "fresh data streams", state["layout"], plan.layout())  # fmt: skip
+        plan.seed = stable_seed(seed, "restart", start_step)
     counter = SkipCounter(max_dry=1000 + cfg.shuffle)
-    stages = [
-        wds.ResampledShards(urls, seed=stream_seed, worker_seed=_worker_index, deterministic=True),
-        functools.partial(_read_shards, counter=counter),
-    ]
-    if cache is not None:
-        stages.append(functools.partial(_join_cache, cache=cache, counter=counter))
+    stages = [functools.partial(_reads, plan=plan, counter=counter, cache=cache),
+              functools.partial(_shuffle_blocks, plan=plan, counter=counter)]  # fmt: skip
     stages += [
-        functools.partial(_shuffle, bufsize=cfg.shuffle, seed=stream_seed),
-        functools.partial(
-            _decode,
-            counter=counter,
-            scale=cfg.scale,
-            gt_size=gt_size,
-            seed=stream_seed,
-            cache=cache,
-        ),  # fmt: skip
+        functools.partial(_decode, counter=counter, scale=cfg.scale, gt_size=gt_size, cache=cache),
         functools.partial(_batch, counter=counter, batch_size=cfg.batch_size, cache=cache),
     ]
-    workers = max(cfg.num_workers, 1)
-    dataset = wds.DataPipeline(*stages).with_epoch(nbatches=math.ceil(steps / workers))
-    return TrainLoader(dataset, steps, cfg.num_workers)
+    dataset = wds.DataPipeline(*stages).with_epoch(nbatches=math.ceil(steps / slots))
+    return TrainLoader(dataset, steps, cfg.num_workers, plan, batches)
 
 
 def iter_samples(
@@ -379,6 +509,6 @@ def iter_samples(
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list_shards(urls)),
         functools.partial(_read_shards, counter=counter),
-        functools.partial(_decode, counter=counter, scale=scale, gt_size=None, seed=0),
+        functools.partial(_decode, counter=counter, scale=scale, gt_size=None),
     )
     return iter(pipeline)

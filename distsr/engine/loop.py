@@ -55,6 +55,8 @@ class Trainer:
         self.nonfinite = 0
         self.nonfinite_in_row = 0
         self.injected_nonfinite: dict[int, int] = {}
+        self.loader = None  # the training stream (its position is saved with each checkpoint)
+        self.data_state: dict | None = None  # this rank's saved stream position, on resume
 
     # -- checkpoints -------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -65,7 +67,18 @@ class Trainer:
             "nonfinite_steps": self.nonfinite,
             "recipe": self.recipe.state_dict(),
             "ema": {n: e.state_dict() for n, e in self.emas.items()},
+            "data": self.data_states(),
         }
+
+    def data_states(self) -> list[dict | None]:
+        """Every rank's stream position (collective: rank 0 writes the client state)."""
+        saver = getattr(self.loader, "state_dict", None)  # a recipe's own stream may have none
+        mine = saver() if saver is not None else None
+        if self.ctx.world_size == 1:
+            return [mine]
+        states = [None] * self.ctx.world_size
+        dist.all_gather_object(states, mine)
+        return states
 
     def restore(self) -> None:
         with self.store.latest() as folder:
@@ -79,6 +92,8 @@ class Trainer:
         self.recipe.load_state_dict(state["recipe"])
         for name, ema_state in state["ema"].items():
             self.emas[name].load_state_dict(ema_state)
+        data = state.get("data") or []
+        self.data_state = data[self.ctx.rank] if len(data) == self.ctx.world_size else None
         if self.ctx.is_main:
             print(f"[distsr] resumed from {folder} at step {self.step}", flush=True)
 
@@ -126,6 +141,7 @@ class Trainer:
         return bool(flag.item())
 
     def maybe_preview(self, batch: dict) -> None:
+        """Before the step's checkpoint: a preview may draw from the RNG the checkpoint saves."""
         every = self.cfg.engine.preview_every
         if every and self.step % every == 0:
             self.logger.image_grid(self.step, self.recipe.preview(batch))
@@ -160,7 +176,7 @@ class Trainer:
                 "rate, enable grad_clip, or check the data; the last good checkpoint is kept."
             )
 
-    def optimizer_step_done(self) -> None:
+    def optimizer_step_done(self, batch: dict) -> None:
         cfg = self.cfg
         self.step += 1
         batch_samples = cfg.data.batch_size * cfg.engine.grad_accum * self.ctx.world_size
@@ -178,6 +194,7 @@ class Trainer:
             self.last = self.logger.flush(self.step, extra)
             self.status.update(state="running", step=self.step, skipped_samples=self.skipped,
                                nonfinite_steps=self.nonfinite, eta_s=self.logger.eta_s)  # fmt: skip
+        self.maybe_preview(batch)
         if self.step % cfg.engine.checkpoint.every_steps == 0 or final:
             self.checkpoint(self.last)
             self.status.update(last_checkpoint=step_name(self.step), step=self.step)
@@ -190,6 +207,7 @@ class Trainer:
             steps=micro_steps,
             seed=self.cfg.seed,
             start_step=self.step,
+            state=self.data_state,
         )
 
     def run(self) -> dict:
@@ -209,7 +227,8 @@ class Trainer:
         # spare batches for skipped non-finite micro-batches (every rank skips the same ones)
         spare = cfg.engine.max_nonfinite_in_row * accum * 4
         done_micro = 0
-        for batch in self.logger.timed(self.make_loader(micro_steps + spare)):
+        self.loader = self.make_loader(micro_steps + spare)
+        for batch in self.logger.timed(self.loader):
             self.skipped += int(batch.pop("skipped", 0))
             if not self.micro_step(batch):
                 self.skip_nonfinite()
@@ -217,8 +236,7 @@ class Trainer:
             self.nonfinite_in_row = 0
             done_micro += 1
             if done_micro % accum == 0:
-                self.optimizer_step_done()
-                self.maybe_preview(batch)
+                self.optimizer_step_done(batch)
             if self.step >= cfg.engine.max_steps:
                 break
         self.logger.close()

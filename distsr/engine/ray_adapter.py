@@ -3,8 +3,8 @@
 Every rank saves its own DeepSpeed shards into a private temp folder and reports it with the
 same ``checkpoint_dir_name``; Ray merges them into ``run_dir/step_NNNNNNNN`` and registers the
 checkpoint only when all ranks have uploaded, so a half-written checkpoint is never resumed.
-Resume (after a worker failure, or a relaunch with the same run name and output folder) goes
-through ``ray.train.get_checkpoint()``.
+Resume (after a worker failure, or a relaunch with the same run name and output folder) takes
+the newer of ``ray.train.get_checkpoint()`` and the newest folder marked ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -30,28 +30,41 @@ from distsr.runconfig import RunConfig
 COMPLETE = "COMPLETE"  # written by rank 0 once every rank's upload of a checkpoint returned
 
 
+def resume_folder(run_dir: Path, ray_path: str | None) -> Path | None:
+    """The checkpoint to resume from: the newer (by step) of Ray's latest checkpoint
+    (``ray_path``) and the newest folder of ``run_dir`` marked ``COMPLETE``. A folder of
+    ``run_dir`` without the marker is never taken, Ray's included (its rank 0 died before
+    marking it); Ray's checkpoint stored elsewhere (remote storage) is taken on Ray's word
+    that every rank uploaded it."""
+    run_dir = Path(run_dir)
+    marked = sorted(p.parent for p in run_dir.glob(f"step_*/{COMPLETE}"))
+    candidates = marked[-1:]
+    if ray_path is not None:
+        ray_folder = Path(ray_path)
+        local = ray_folder.parent.resolve() == run_dir.resolve()
+        if not local or (ray_folder / COMPLETE).is_file():
+            candidates.append(ray_folder)
+    return max(candidates, key=lambda p: p.name, default=None)
+
+
 class RayStore:
     """Checkpoints through ``ray.train.report``. Ray's registry of reported checkpoints can lag
     behind a worker or driver that dies (results are polled), so every checkpoint whose uploads
     all returned is also marked ``COMPLETE`` in the run folder, and resume takes the newer of
-    Ray's latest checkpoint and the newest complete folder."""
+    Ray's latest checkpoint and the newest complete folder (``resume_folder``)."""
 
     def __init__(self, rank: int, run_dir: Path):
         self.rank = rank
         self.run_dir = Path(run_dir)
 
-    def newest_complete(self) -> Path | None:
-        done = sorted(p.parent for p in self.run_dir.glob(f"step_*/{COMPLETE}"))
-        return done[-1] if done else None
-
     @contextlib.contextmanager
     def latest(self) -> Iterator[Path | None]:
-        marked = self.newest_complete()
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None or (marked and marked.name > Path(checkpoint.path).name):
-            yield marked
+        chosen = resume_folder(self.run_dir, checkpoint.path if checkpoint else None)
+        if chosen is None or checkpoint is None or chosen != Path(checkpoint.path):
+            yield chosen
             return
-        with checkpoint.as_directory() as folder:
+        with checkpoint.as_directory() as folder:  # downloaded when stored remotely
             yield Path(folder)
 
     def save(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:

@@ -84,7 +84,8 @@ class Recipe:
         return getattr(net, "module", net)
 
     def make_loader(self, data_cfg, **kwargs):
-        """The training stream (kwargs: rank, world_size, steps, seed, start_step)."""
+        """The training stream (kwargs: rank, world_size, steps, seed, start_step, state: the
+        saved stream position or None); a ``state_dict()`` on it is saved with checkpoints."""
         from distsr.data.reader import make_train_loader
 
         return make_train_loader(data_cfg, **kwargs)

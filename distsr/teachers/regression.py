@@ -114,3 +114,12 @@ class MultiTeacher(Teacher):
     def fingerprint_parts(self) -> dict:
         parts = {name: t.fingerprint_parts() for name, t in self.teachers.items()}
         return {"kind": self.kind, "teachers": parts}
+
+
+def regression_teacher(path, scale: int | None = None, **load_kwargs) -> RegressionTeacher:
+    """A RegressionTeacher from any SR model file, its architecture detected from the keys
+    (``distsr.models.sr.load_sr``; ``scale`` checks the file's scale factor)."""
+    from distsr.models.sr import load_sr
+
+    loaded = load_sr(path, scale=scale, **load_kwargs)
+    return RegressionTeacher(loaded.net, loaded.scale, loaded.arch)
