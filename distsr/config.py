@@ -96,6 +96,14 @@ def _convert(value: Any, tp: Any, path: str, problems: list) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        by_kind = _kinds(options)
+        if by_kind and isinstance(value, dict):  # a union of configs told apart by ``kind``
+            kind = value.get("kind", next(iter(by_kind)))
+            if kind not in by_kind:
+                problems.append((_join(path, "kind"), f"must be one of {list(by_kind)}, got "
+                                 f"{kind!r}"))  # fmt: skip
+                return value
+            return _build(by_kind[kind], value, path, problems)
         for option in options:
             if option is type(None):
                 continue
@@ -145,6 +153,21 @@ def _convert(value: Any, tp: Any, path: str, problems: list) -> Any:
             problems.append((path, f"expected a string, got {value!r}"))
         return value
     return value
+
+
+def _kinds(options: tuple) -> dict[str, type]:
+    """``{kind: dataclass}`` when every option of a union is a dataclass whose ``kind`` field is a
+    one-value ``Literal`` (the first option is the default kind); else empty."""
+    by_kind: dict[str, type] = {}
+    for option in options:
+        if option is type(None):
+            continue
+        hints = typing.get_type_hints(option) if dataclasses.is_dataclass(option) else {}
+        hint = hints.get("kind")
+        if get_origin(hint) is not Literal or len(get_args(hint)) != 1:
+            return {}
+        by_kind[get_args(hint)[0]] = option
+    return by_kind
 
 
 def _build(cls: type, data: dict, path: str, problems: list) -> Any:

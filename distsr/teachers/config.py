@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from distsr.teachers.resshift import TeacherConfig
+from distsr.teachers.seesr_config import SeeSRTeacherConfig
+from distsr.teachers.sr import AggregatedTeacherConfig, RegressionTeachersConfig
 
 
 @dataclass
@@ -20,7 +22,12 @@ class CacheJobConfig:
     job reports it.
     """
 
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # told apart by ``kind`` (distsr.registry.TEACHERS): resshift, regression (SR model files),
+    # aggregated (MTKD's teachers + trained aggregator), seesr (SeeSR: SD-2-base + RAM)
+    teacher: (
+        TeacherConfig | RegressionTeachersConfig | AggregatedTeacherConfig | SeeSRTeacherConfig
+    ) = field(default_factory=TeacherConfig)
+    decode: bool = False  # cache the teacher's outputs decoded to images (teachers.pixels)
     shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns of .tar files
     output: str = ""  # cache root
     batch_size: int = 16  # samples per teacher call
