@@ -110,18 +110,17 @@ def link_cache(cfg: DemoConfig) -> None:
     link.symlink_to(found[0].name)
 
 
-def held_out_photos(cfg: DemoConfig) -> Path:
-    """Centre crops (eval_size^2) of the bundled photos that no shard was made from."""
+def held_out_photos(folder: Path, size: int) -> Path:
+    """Centre crops (size^2) of the bundled photos that no shard was made from, in ``folder``."""
     from PIL import Image
 
     from distsr.data.bundled import bundled_photos
 
-    folder = Path(cfg.output_dir) / "eval_hr"
     folder.mkdir(parents=True, exist_ok=True)
     for path in bundled_photos("eval"):
         with Image.open(path) as img:
             img = img.convert("RGB")
-            w, h, s = img.width, img.height, cfg.eval_size
+            w, h, s = img.width, img.height, size
             img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).save(
                 folder / f"{path.stem}.png"
             )
@@ -135,7 +134,7 @@ def main(overrides: list[str]) -> int:
         if title.startswith("distil"):
             link_cache(cfg)
         if title.startswith("evaluate"):
-            held_out_photos(cfg)
+            held_out_photos(Path(cfg.output_dir) / "eval_hr", cfg.eval_size)
         stage(title, cmd, done)
     report = Path(cfg.output_dir) / "report.md"
     summary = {"report": str(report), "seconds": round(time.perf_counter() - t0)}

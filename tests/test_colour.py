@@ -68,6 +68,15 @@ def test_output_head_norm_and_channel_offsets(groups):
         assert (shifted - base).mean((2, 3)).abs().max() > 0.01
 
 
+@pytest.fixture
+def one_thread():
+    """Small networks train fastest on one thread (and share a busy machine best)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_on_flat_colours(norm_groups: int) -> ResShift:
     """The tiny teacher's own training step (recipes.resshift), AdamW, random flat colours."""
     torch.manual_seed(0)
@@ -95,7 +104,7 @@ def sr_means(model: ResShift, lq_size: int) -> torch.Tensor:
     return model.decode(z0).mean((2, 3))
 
 
-def test_flat_colours_come_back_with_8_groups_and_not_with_32():
+def test_flat_colours_come_back_with_8_groups_and_not_with_32(one_thread):
     """8 groups: every channel mean within TOLERANCE on images 8x the training crops' area.
     32 groups (the old tiny setting), same data, seed and steps: the colours sink towards one
     grey (measured: red (0.9, 0.1, 0.1) -> (0.62, 0.40, 0.42))."""

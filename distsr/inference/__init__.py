@@ -1,1 +1,2 @@
-"""Inference: super-resolution predictors (``predictors``) and tiled upscaling (``tiling``)."""
+"""Inference: super-resolution predictors (``predictors``: ResShift and the loader; ``seesr``:
+SeeSR) and tiled upscaling (``tiling``)."""

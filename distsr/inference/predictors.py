@@ -4,7 +4,9 @@
 * :class:`ResShiftOneStep`: a one-step student of ResShift (Yue et al., NeurIPS 2023): one UNet
   call at the last step from the prior, z_{T-1} = z_y + kappa sqrt(eta_{T-1}) eps, then decode.
 * :class:`ResShiftMultiStep`: the full T-step sampler (the teacher column of a report).
-* :func:`load_predictor`: either one from a run folder (``config.yaml`` + ``export/``).
+* :func:`load_predictor`: the predictor of a run folder (``config.yaml`` + ``export/``), by
+  the family of the run's student spec: these ResShift ones or the SeeSR ones of
+  ``inference.seesr``.
 
 The lq -> (z_y, UNet condition) path is ``models.resshift.ResShift.prepare``, the rule training
 used; as in the official ``ResShiftSampler``, lq is reflect-padded on the bottom/right to a
@@ -202,14 +204,43 @@ def _locate(path: Path, which: str, config, engine: str | None) -> tuple[Path, P
     return weights, cfg_path
 
 
-def student_spec(cfg, source) -> ResShiftSpec:
-    """The ResShift network a run exports (its recipe's ``student_spec``)."""
+def student_spec(cfg, source):
+    """The spec of the network a run exports (its recipe's ``student_spec``): a ResShiftSpec or
+    a SeeSRTeacherConfig (``family`` tells which)."""
     from distsr.registry import get_recipe
 
     spec = get_recipe(cfg.recipe).student_spec(cfg.method)
-    if not isinstance(spec, ResShiftSpec):
-        raise ValueError(f"{source}: recipe {cfg.recipe} does not export a ResShift network")
+    family(spec, source)
     return spec
+
+
+def family(spec, source) -> str:
+    """The network family of a student spec, by its type: ``"resshift"`` or ``"seesr"``. The one
+    place inference and export dispatch on (each keeps a table keyed by these names)."""
+    from distsr.teachers.seesr_config import SeeSRTeacherConfig
+
+    for cls, name in ((ResShiftSpec, "resshift"), (SeeSRTeacherConfig, "seesr")):
+        if isinstance(spec, cls):
+            return name
+    raise ValueError(f"{source}: the run exports a {type(spec).__name__}; inference and export "
+                     "support ResShift and SeeSR students")  # fmt: skip
+
+
+def load_student(
+    run_dir_or_weights: str | Path,
+    which: str = "ema",
+    *,
+    config: str | Path | None = None,
+    engine: str | None = None,
+):
+    """(weights file, the run's student spec, config path) of a run folder (``config.yaml`` +
+    ``export/<engine>[_ema].safetensors``; engine default: the student, else ``unet``) or of a
+    weights file (official ``.pth`` or exported ``.safetensors``) plus ``config``."""
+    from distsr.runconfig import load_run_config
+
+    weights, cfg_path = _locate(Path(run_dir_or_weights).expanduser(), which, config, engine)
+    cfg = load_run_config(str(cfg_path))
+    return weights, student_spec(cfg, cfg_path), cfg_path
 
 
 def load_unet(
@@ -219,18 +250,41 @@ def load_unet(
     config: str | Path | None = None,
     engine: str | None = None,
 ):
-    """(UNet strictly loaded on the CPU, its ResShift config section, config path) from a run
-    folder (``config.yaml`` + ``export/<engine>[_ema].safetensors``; engine default: the
-    student, else ``unet``) or from a weights file (official ``.pth`` or exported
-    ``.safetensors``) plus ``config``. ``unet_checkpoint`` of the config is not read."""
-    from distsr.runconfig import load_run_config
+    """(ResShift UNet strictly loaded on the CPU, its ResShift config section, config path); see
+    :func:`load_student`. ``unet_checkpoint`` of the config is not read."""
+    weights, section, cfg_path = load_student(run_dir_or_weights, which, config=config,
+                                              engine=engine)  # fmt: skip
+    if family(section, cfg_path) != "resshift":
+        raise ValueError(f"{cfg_path}: the run's student is not a ResShift UNet")
+    return resshift_unet(weights, section, cfg_path), section, cfg_path
 
-    weights, cfg_path = _locate(Path(run_dir_or_weights).expanduser(), which, config, engine)
-    cfg = load_run_config(str(cfg_path))
-    section = student_spec(cfg, cfg_path)
-    unet = UNetModelSwin(**section.unet)
+
+def resshift_unet(weights, spec: ResShiftSpec, cfg_path) -> UNetModelSwin:
+    unet = UNetModelSwin(**spec.unet)
     load_official_state_dict(weights, unet, model_name=f"the UNet of {cfg_path}")
-    return unet.eval(), section, cfg_path
+    return unet.eval()
+
+
+def _resshift_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
+    model = ResShift(spec, unet=resshift_unet(weights, spec, cfg_path)).to(device)
+    if steps == "one":
+        return ResShiftOneStep(model, seed)
+    return ResShiftMultiStep(model, seed, sampler)
+
+
+def _seesr_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
+    """The one-step student (its exported UNet + ControlNet), or with ``steps="all"`` the
+    frozen teacher of the run (the release's weights; the export is not read)."""
+    from distsr.inference.seesr import SeeSRMultiStep, SeeSROneStep
+    from distsr.teachers.seesr import build_seesr_teacher, load_seesr_denoiser
+
+    if steps == "all":
+        return SeeSRMultiStep(build_seesr_teacher(spec, device), seed)
+    student = load_seesr_denoiser(spec, weights)
+    return SeeSROneStep(build_seesr_teacher(spec, device, denoiser=student), seed)
+
+
+PREDICTORS = {"resshift": _resshift_predictor, "seesr": _seesr_predictor}
 
 
 def load_predictor(
@@ -243,17 +297,19 @@ def load_predictor(
     seed: int = 0,
     sampler: str = "stochastic",
     engine: str | None = None,
-) -> ResShiftOneStep:
-    """A ResShift predictor (see :func:`load_unet` for where the weights come from).
+):
+    """The predictor of a run's student (see :func:`load_student` for where the weights come
+    from), by the family of its spec: ResShift (:class:`ResShiftOneStep` /
+    :class:`ResShiftMultiStep`) or SeeSR (``inference.seesr``).
 
-    ``steps="one"`` gives the one-step student, ``"all"`` the full T-step sampler
-    (``sampler`` "stochastic" or "deterministic"). ``which``: "ema" or "raw" weights.
+    ``steps="one"`` gives the one-step student, ``"all"`` the full sampler (ResShift: the T-step
+    chain of the run's UNet, ``sampler`` "stochastic" or "deterministic"; SeeSR: the frozen
+    teacher's DDPM + CFG sampler). ``which``: "ema" or "raw" weights.
     """
     if steps not in ("one", "all"):
         raise ValueError(f"steps must be 'one' or 'all', got {steps!r}")
-    unet, spec, _ = load_unet(run_dir_or_weights, which, config=config, engine=engine)
+    weights, spec, cfg_path = load_student(run_dir_or_weights, which, config=config,
+                                           engine=engine)  # fmt: skip
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = ResShift(spec, unet=unet).to(device)
-    if steps == "one":
-        return ResShiftOneStep(model, seed)
-    return ResShiftMultiStep(model, seed, sampler)
+    build = PREDICTORS[family(spec, cfg_path)]
+    return build(weights, spec, cfg_path, steps, device, seed, sampler)

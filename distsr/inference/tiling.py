@@ -8,7 +8,9 @@ accumulated in float64 on the CPU. So one tile covering the image gives its outp
 and a per-pixel predictor gives the untiled output bit for bit whatever the tiling.
 
 Predictors with a ``draw_noise(lq)`` method (the ResShift ones) get ``noise=`` the crop of one
-full-image latent noise map, so overlapping tiles see the same noise.
+full-image latent noise map, so overlapping tiles see the same noise. Predictors with a
+``tiled(lq, tile, overlap, progress)`` method tile in their own space (SeeSR: latent tiles with
+Gaussian blending, ``inference.seesr``) and are handed the whole image.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def upscale_tiled(
     """sr of ``lq`` [B, 3, h, w] from tiles (float32 on the CPU). ``progress``: a tqdm bar,
     given the number of tiles as its total and updated after each tile."""
     _check(tile, overlap, ramp_kind)
+    if hasattr(fn, "tiled"):
+        return fn.tiled(lq, tile, overlap, progress).float()
     h, w = lq.shape[-2:]
     noise = fn.draw_noise(lq) if hasattr(fn, "draw_noise") else None
     factor = noise.shape[-1] / w if noise is not None else 1.0

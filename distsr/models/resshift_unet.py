@@ -169,8 +169,9 @@ class UNetModelSwin(nn.Module):
 
     ``norm_groups`` (not an official kwarg; default 32 as the official network) is the group
     count of every GroupNorm. Keep a few channels per group: with ``model_channels = 32`` and 32
-    groups the output head's norm is an instance norm, which removes each feature map's spatial
-    mean, and the predicted image's colour with it. Parameter names and shapes do not depend on it.
+    groups the output head's norm is an instance norm that removes each feature map's spatial
+    mean, so colour reaches the output only through the maps' shape near the image border and is
+    lost on images larger than the training crops. Parameter names and shapes do not depend on it.
     """
 
     def __init__(

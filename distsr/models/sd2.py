@@ -47,8 +47,7 @@ def folder_problem(folder: Path, alternatives, what: str) -> str | None:
     """None when ``folder`` holds one of the file sets, else a message naming what is missing."""
     if any(all((folder / f).is_file() for f in files) for files in alternatives):
         return None
-    state = "does not exist" if not folder.is_dir() else "is incomplete"
-    return f"{folder} {state}; it should hold {what}"
+    return f"{what} not found in {folder}"
 
 
 _DIFFUSERS_WEIGHTS = (

@@ -62,9 +62,10 @@ def build_student(cfg: StudentConfig) -> nn.Module:
 
 @dataclass
 class KDLossConfig:
-    """``losses.wavelet.build_kd_loss``: "grouped" (DTKD), "bandwise" (MTKD), "fft"."""
+    """``losses.wavelet.build_kd_loss``: "grouped" (DTKD), "bandwise" (MTKD), "fft"; or "l1",
+    the pixel L1 to the teacher's output (vanilla output KD, the baseline both papers beat)."""
 
-    name: Literal["grouped", "bandwise", "fft"] = "grouped"
+    name: Literal["grouped", "bandwise", "fft", "l1"] = "grouped"
     levels: int = 2  # J
     weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])  # grouped: LF, MF, HF
     transform: Literal["dwt", "dtcwt"] = "dwt"
@@ -82,6 +83,8 @@ class KDLossConfig:
 def build_kd_loss(cfg: KDLossConfig) -> nn.Module:
     from distsr.losses.wavelet import build_kd_loss as build
 
+    if cfg.name == "l1":
+        return nn.L1Loss()
     if cfg.name == "fft":
         return build("fft")
     kwargs = {"levels": cfg.levels, "transform": cfg.transform, "wave": cfg.wave}

@@ -19,15 +19,24 @@ pipeline (``seesr_pipeline_facts.json``):
 
 Differences from the official pipeline, on purpose: the VAE latent of lq and gt is the posterior
 mean (official: an unseeded ``latent_dist.sample()``), so cached targets are reproducible; the
-bicubic up-scaling is torch's (a = -0.75) in one resize, not PIL's (a = -0.5) in two. Not done
-yet: latent tiling (96-latent tiles, Gaussian blending) and tiled VAE for inputs larger than a
-training crop; ``sample`` runs the whole latent at once.
+bicubic up-scaling is torch's (a = -0.75) in one resize, not PIL's (a = -0.5) in two. ``sample``
+runs the whole latent through ``denoiser`` (default: the frozen pair); inference passes a latent-
+tiled one (``inference.seesr.TiledDenoiser``: tiles with overlap, Gaussian blending). The VAE
+runs untiled (no tiled VAE yet), which bounds the image size by memory.
 
 TAD-SR (official TAD-SeeSR ``train_tadsr.py``): the student is a copy of UNet + ControlNet run
 once at t = 999 from z_T, x0 = (z_T - sqrt(1 - abar) eps) / sqrt(abar); the discriminator reads
 the UNet encoder skips 2, 5, 8, 11 with the ControlNet residuals added (``TADSR_SEESR_LEVELS``);
 ``sqrt_snr`` = sqrt(abar_t / (1 - abar_t)) turns the x0-space HSD of ``losses.hsd`` into the
-official eps-space one.
+official eps-space one. Differences from the official TAD-SeeSR training: the student's input is
+the LR latent noised at t = 999 (official: the GT latent); the discriminator's and HSD's features
+use lq's ControlNet condition and RAM embeddings (official: those of gt); one t per sample
+(official: one per batch); latents are the VAE posterior mean (official: an unseeded sample); the
+bicubic up-scaling is torch's (official: PIL's, in two steps).
+
+The teacher prints one ``[distsr] SeeSR teacher: ...`` line the first time it runs RAM + the text
+encoder on lq, takes the condition from stored (cached) entries, or runs its sampler, so a run's
+log shows whether training read only the cache.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distsr.fingerprint import hash_modules
+from distsr.models.checkpoint import check_state_dict, read_checkpoint
 from distsr.models.ram import RAM
 from distsr.models.sd2 import SD2, load_sd2
 from distsr.models.seesr import (
@@ -159,6 +169,13 @@ class SeeSRTeacher(Teacher):
         self.freeze()
         self._negative: torch.Tensor | None = None
         self._weights_hash: str | None = None
+        self._announced: set[str] = set()
+
+    def _announce(self, what: str, line: str) -> None:
+        """Print ``line`` the first time this teacher does ``what`` (see the module doc)."""
+        if what not in self._announced:
+            self._announced.add(what)
+            print(f"[distsr] SeeSR teacher: {line}", flush=True)
 
     @property
     def noise_tensors(self) -> int:
@@ -198,7 +215,9 @@ class SeeSRTeacher(Teacher):
         lq = lq.to(self.device, torch.float32)
         cond = {"lq_up": self.upscale(lq)}
         if stored is not None:
+            self._announce("stored", "condition from stored entries (no RAM, no text encoder)")
             return {**cond, **{k: stored[k].to(self.device, torch.float32) for k in self.stored}}
+        self._announce("live", "running RAM, the text encoder and the VAE encoder on lq")
         tags, image_embeds = self.ram.tag_and_embed(lq)
         cond["z_lq"] = self._encode(cond["lq_up"])
         cond["image_embeds"] = image_embeds.float()
@@ -259,17 +278,19 @@ class SeeSRTeacher(Teacher):
             self._negative = self.encode_text([self.cfg.negative_prompt])
         return self._negative.expand(batch, -1, -1)
 
-    def _guided_eps(self, z: torch.Tensor, t: int, cond: dict, doubled: dict | None):
+    def _guided_eps(self, net, z: torch.Tensor, t: int, cond: dict, doubled: dict | None):
         if doubled is None:  # guidance <= 1: the prompt's pass only
-            return self.denoiser(z, t, cond)
-        eps_u, eps_c = self.denoiser(torch.cat([z, z]), t, doubled).chunk(2)
+            return net(z, t, cond)
+        eps_u, eps_c = net(torch.cat([z, z]), t, doubled).chunk(2)
         return eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
 
     @torch.no_grad()
-    def sample(self, cond: dict, noise: torch.Tensor) -> torch.Tensor:
+    def sample(self, cond: dict, noise: torch.Tensor, denoiser=None) -> torch.Tensor:
         """The full DDPM trajectory with CFG from z_T = prior(cond, noise[0]); step i adds
         noise[1 + i]. ``noise``: [1 + steps, B, 4, h, w] (``noise_for(..., tensors=
-        teacher.noise_tensors)``)."""
+        teacher.noise_tensors)``). ``denoiser``: the eps network ``(z_t, t, cond) -> eps``
+        (default: the frozen UNet + ControlNet; inference passes a latent-tiled one)."""
+        net = self.denoiser if denoiser is None else denoiser
         z_lq = cond["z_lq"]
         if noise.dim() != z_lq.dim() + 1 or noise.shape[0] != self.noise_tensors:
             raise ValueError(
@@ -285,11 +306,12 @@ class SeeSRTeacher(Teacher):
                 "prompt_embeds": torch.cat([neg, cond["prompt_embeds"]]),
                 **{k: torch.cat([cond[k], cond[k]]) for k in ("image_embeds", "lq_up")},
             }
+        self._announce("sample", f"running the {len(self.timesteps)}-step DDPM sampler")
         z = self.prior(cond, noise[0])
         steps = self.timesteps
         for i, t in enumerate(steps):
             prev_t = steps[i + 1] if i + 1 < len(steps) else -1
-            z = ddpm_step(self.abar, self._guided_eps(z, t, cond, doubled), t, prev_t, z,
+            z = ddpm_step(self.abar, self._guided_eps(net, z, t, cond, doubled), t, prev_t, z,
                           noise[1 + i])  # fmt: skip
         return z
 
@@ -371,8 +393,14 @@ def enable_checkpointing(denoiser: SeeSRDenoiser) -> None:
     denoiser.controlnet.enable_gradient_checkpointing()
 
 
-def build_seesr_teacher(cfg: SeeSRTeacherConfig, device: torch.device | str = "cpu"):
-    """Load every part from the configured local paths (strictly); frozen, eval."""
+def build_seesr_teacher(
+    cfg: SeeSRTeacherConfig,
+    device: torch.device | str = "cpu",
+    denoiser: SeeSRDenoiser | None = None,
+):
+    """Load every part from the configured local paths (strictly); frozen, eval. A given
+    ``denoiser`` (a trained student, ``load_seesr_denoiser``) replaces the release's UNet +
+    ControlNet, which are then not read."""
     problems = cfg.validate()
     if problems:
         lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
@@ -384,13 +412,47 @@ def build_seesr_teacher(cfg: SeeSRTeacherConfig, device: torch.device | str = "c
         )
     dtype = DTYPES[cfg.dtype]
     sd2 = load_sd2(cfg.sd2_dir, dtype)
-    seesr = Path(cfg.seesr_dir).expanduser()
-    unet = SeeSRUNet.from_folder(seesr / "unet", dtype)
-    controlnet = SeeSRControlNet.from_folder(seesr / "controlnet", dtype)
+    if denoiser is None:
+        seesr = Path(cfg.seesr_dir).expanduser()
+        unet = SeeSRUNet.from_folder(seesr / "unet", dtype)
+        controlnet = SeeSRControlNet.from_folder(seesr / "controlnet", dtype)
+        denoiser = SeeSRDenoiser(unet, controlnet, cfg.conditioning_scale)
+    denoiser = denoiser.to(dtype)
     width = sd2.text_encoder.config.hidden_size
-    if width != unet.config.cross_attention_dim:
+    unet_width = denoiser.unet.config.cross_attention_dim
+    if width != unet_width:
         raise ValueError(f"the text encoder's width {width} does not fit the UNet's "
-                         f"cross_attention_dim {unet.config.cross_attention_dim}")  # fmt: skip
+                         f"cross_attention_dim {unet_width}")  # fmt: skip
     ram = RAM.from_weights(cfg.ram, cfg.ram_model).to(dtype)
-    denoiser = SeeSRDenoiser(unet, controlnet, cfg.conditioning_scale)
     return SeeSRTeacher(cfg, denoiser, sd2, ram).to(device)
+
+
+def load_seesr_denoiser(cfg: SeeSRTeacherConfig, weights: str | Path) -> SeeSRDenoiser:
+    """A trained SeeSR student: UNet + ControlNet with the architecture of the release's
+    ``seesr_dir/{unet,controlnet}/config.json`` and the weights of ``weights`` (an exported
+    ``student[_ema].safetensors``: ``unet.*`` + ``controlnet.*``, official names inside), loaded
+    strictly (float32). Raises ValueError naming missing / unexpected keys."""
+    state = read_checkpoint(Path(weights))
+    parts = {"unet": SeeSRUNet, "controlnet": SeeSRControlNet}
+    stray = sorted(k for k in state if k.split(".", 1)[0] not in parts)
+    if stray:
+        raise ValueError(f"{weights} is not a SeeSR student (keys unet.* and controlnet.*); "
+                         f"unexpected keys: {stray[:10]}")  # fmt: skip
+    nets = {}
+    for name, cls in parts.items():
+        sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        config_path = Path(cfg.seesr_dir).expanduser() / name / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: the SeeSR release's {name} config")
+        kwargs = cls.config_kwargs(json.loads(config_path.read_text()))
+        kwargs.setdefault("use_image_cross_attention", any(".image_attentions." in k for k in sub))
+        with torch.device("meta"):
+            net = cls(**kwargs)
+        report = check_state_dict(net, sub)
+        if report:
+            raise ValueError(f"{weights}: the {name}.* weights do not fit {config_path}:{report}")
+        # own storage per tensor: views into the file's buffer are not SIMD-aligned, which
+        # changes the last bits of the kernels' results
+        net.load_state_dict({k: v.clone() for k, v in sub.items()}, strict=True, assign=True)
+        nets[name] = net.float().eval()
+    return SeeSRDenoiser(nets["unet"], nets["controlnet"], cfg.conditioning_scale)

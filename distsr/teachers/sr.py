@@ -2,9 +2,10 @@
 
 * ``RegressionTeachersConfig`` (``kind: regression``): ``model_files``, each any SR model file
   (architecture detected from its keys, ``models.sr.load_sr``; a file no architecture fits
-  raises one error naming everything tried). One file is a ``RegressionTeacher``; several are a
-  ``MultiTeacher`` with one output per file (``z0.<name>``), cached under one fingerprint that
-  covers every file.
+  raises one error naming everything tried) or an ncnn graph ``.param`` (its ``.bin`` beside
+  it; ``models.ncnn``: RRDBNet, SRVGGNetCompact, SRMD with the bicubic degradation map). One
+  file is a ``RegressionTeacher``; several are a ``MultiTeacher`` with one output per file
+  (``z0.<name>``), cached under one fingerprint that covers every file.
 * ``AggregatedTeacherConfig`` (``kind: aggregated``): the same files plus the trained DCTSwin
   aggregator of MTKD stage 1 (``checkpoint``, the stage-1 run's export): ``AggregatedTeacher``,
   whose one output is ``mt_hr`` = aggregator(teachers' outputs) (paper 004, Sec. 3.2).
@@ -22,7 +23,7 @@ from distsr.config import missing_file
 from distsr.fingerprint import hash_modules
 from distsr.models.dctswin import DCTSwin, DCTSwinConfig
 from distsr.teachers.base import Teacher
-from distsr.teachers.regression import MultiTeacher, regression_teacher
+from distsr.teachers.regression import MultiTeacher, RegressionTeacher, regression_teacher
 
 
 @dataclass
@@ -77,11 +78,27 @@ def teacher_names(archs: list[str]) -> list[str]:
 
 def build_regression_teachers(cfg: RegressionTeachersConfig, device) -> Teacher:
     """One file: a ``RegressionTeacher``; several: a ``MultiTeacher`` (one output per file)."""
-    loaded = [regression_teacher(path, cfg.scale) for path in cfg.model_files]
+    loaded = [load_teacher_file(path, cfg.scale) for path in cfg.model_files]
     if len(loaded) == 1:
         return loaded[0].to(device)
     names = cfg.names or teacher_names([t.arch for t in loaded])
     return MultiTeacher(dict(zip(names, loaded, strict=True))).to(device)
+
+
+def load_teacher_file(path: str, scale: int) -> RegressionTeacher:
+    """A ``RegressionTeacher`` from an SR model file, or from an ncnn ``.param`` graph (the
+    pretrained networks of the ``[teachers]`` wheels, ``models.ncnn.find_ncnn_models``); SRMD
+    gets the delta-kernel degradation map (bicubic inputs), ``models.ncnn.load_ncnn_model``."""
+    if not str(path).endswith(".param"):
+        return regression_teacher(path, scale)
+    from distsr.models.ncnn import detect_arch, load_ncnn_model, read_param
+
+    net = load_ncnn_model(path)
+    with torch.no_grad():
+        found = net(torch.zeros(1, 3, 4, 4)).shape[-1] // 4
+    if found != scale:
+        raise ValueError(f"{path} is a x{found} ncnn model, expected x{scale}")
+    return RegressionTeacher(net, scale, f"{detect_arch(read_param(path))} (ncnn)")
 
 
 class AggregatedTeacher(Teacher):

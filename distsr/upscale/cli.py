@@ -1,15 +1,26 @@
-"""Upscale images with a one-step student, or export it in the official ResShift format.
+"""Upscale images with a one-step student, or export it in its official format.
 
     python -m distsr.upscale --checkpoint RUN_DIR INPUT OUTPUT [--tile 256 --overlap 32]
     python -m distsr.upscale --checkpoint WEIGHTS.safetensors --config RUN/config.yaml IN OUT
-    python -m distsr.upscale export --checkpoint RUN_DIR OUT.pth [--raw]
+    python -m distsr.upscale export --checkpoint RUN_DIR OUT.pth [--raw]     # ResShift student
+    python -m distsr.upscale export --checkpoint RUN_DIR OUT_DIR [--raw]     # SeeSR student
 
 INPUT is an image or a folder of images; OUTPUT is an image path (single input) or a folder
 (``<stem>.png`` per input). Large images are upscaled in overlapping tiles of ``--tile`` lq
-pixels (see ``distsr.inference.tiling``). Unreadable inputs are reported and skipped; the exit
-status is 1 when any input was skipped.
+pixels (see ``distsr.inference.tiling``; a SeeSR student tiles its latent, ``--tile`` x scale / 8
+latents, with Gaussian blending). Unreadable inputs are reported and skipped; the exit status is
+1 when any input was skipped.
 
-``export`` writes the student UNet as a plain state_dict (every key of the official
+The run's student spec picks the predictor and the export (``inference.predictors.family``).
+
+SeeSR: ``export`` writes ``OUT_DIR/unet`` and ``OUT_DIR/controlnet``, diffusers folders
+(config.json naming the stock class + diffusion_pytorch_model.safetensors, float32) in the
+layout of the SeeSR release, so the official SeeSR scripts take OUT_DIR as ``--seesr_model_path``
+(with the SD-2-base folder and RAM/DAPE weights the run used, listed in ``OUT_DIR/export.yaml``).
+The official script runs its 50-step sampler; the student is meant to take one step at t = 999
+from the LR latent noised at t = 999, as ``distsr.inference.seesr`` does.
+
+ResShift: ``export`` writes the student UNet as a plain state_dict (every key of the official
 ``UNetModelSwin``, buffers included, float32) with ``torch.save``: the official loader
 (``sampler.BaseSampler.load_model`` -> ``utils/util_net.reload_model``) reads it as is. Next to it,
 ``OUT.yaml`` holds the official ``model`` and ``diffusion`` config sections that fit the weights.
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +42,7 @@ from tqdm.auto import tqdm
 
 from distsr.data.config import IMAGE_EXTENSIONS
 from distsr.data.imageio import list_images, read_image, to_tensor, to_uint8, write_image
-from distsr.inference.predictors import load_predictor, load_unet
+from distsr.inference.predictors import family, load_predictor, load_student, resshift_unet
 from distsr.inference.tiling import RAMPS, upscale_tiled
 
 
@@ -94,11 +106,18 @@ def official_config(method, out: Path) -> dict:
 
 
 def export_official(checkpoint, out, which: str = "ema", config=None) -> Path:
-    """Write the student UNet as an official ResShift checkpoint (+ ``OUT.yaml``); returns OUT."""
-    out = Path(out)
+    """Write the run's student in the official format of its family (ResShift: ``OUT.pth`` +
+    ``OUT.yaml``; SeeSR: the folder ``OUT`` with ``unet/`` and ``controlnet/``); returns OUT."""
+    weights, spec, cfg_path = load_student(checkpoint, which, config=config)
+    return EXPORTERS[family(spec, cfg_path)](weights, spec, cfg_path, Path(out))
+
+
+def export_resshift(weights, method, cfg_path, out: Path) -> Path:
+    """The student UNet as an official ResShift checkpoint (+ ``OUT.yaml``)."""
     if out.suffix not in (".pth", ".pt", ".ckpt"):
-        raise ValueError(f"export writes a torch checkpoint: OUT must end in .pth, got {out}")
-    unet, method, _ = load_unet(checkpoint, which, config=config)
+        raise ValueError(f"a ResShift student exports a torch checkpoint: OUT must end in .pth, "
+                         f"got {out}")  # fmt: skip
+    unet = resshift_unet(weights, method, cfg_path)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
              for k, v in unet.state_dict().items()}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +127,36 @@ def export_official(checkpoint, out, which: str = "ema", config=None) -> Path:
     sidecar = out.with_suffix(".yaml")
     sidecar.write_text(yaml.safe_dump(official_config(method, out), sort_keys=False))
     return out
+
+
+def export_seesr(weights, spec, cfg_path, out: Path) -> Path:
+    """The student UNet + ControlNet as the SeeSR release's diffusers folders, written to a
+    temp folder and renamed into place; an existing OUT is refused."""
+    from distsr.teachers.seesr import load_seesr_denoiser
+
+    if out.suffix in (".pth", ".pt", ".ckpt", ".safetensors"):
+        raise ValueError(f"a SeeSR student exports a folder (unet/, controlnet/), got {out}")
+    if out.exists():
+        raise ValueError(f"{out} exists; export writes a new folder")
+    student = load_seesr_denoiser(spec, weights)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.unet.save_folder(tmp / "unet")
+    student.controlnet.save_folder(tmp / "controlnet")
+    official = {
+        "seesr_model_path": str(out),
+        "pretrained_model_path": spec.sd2_dir,
+        "ram_ft_path": spec.ram.dape,
+        "ram_checkpoint": spec.ram.checkpoint,
+        "student": {"weights": str(weights), "run_config": str(cfg_path),
+                    "timestep": spec.student_timestep, "start_timestep": spec.start_timestep},
+    }  # fmt: skip
+    (tmp / "export.yaml").write_text(yaml.safe_dump(official, sort_keys=False))
+    os.replace(tmp, out)
+    return out
+
+
+EXPORTERS = {"resshift": export_resshift, "seesr": export_seesr}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -140,13 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distsr.upscale export",
-        description="Export the student UNet in the official ResShift checkpoint format",
+        description="Export the student in its official format (ResShift: a .pth checkpoint; "
+        "SeeSR: diffusers unet/ and controlnet/ folders)",
     )
     _common(parser)
-    parser.add_argument("out", help="output .pth")
+    parser.add_argument("out", help="output .pth (ResShift) or folder (SeeSR)")
     args = parser.parse_args(argv)
     out = export_official(args.checkpoint, args.out, args.which, args.config)
-    print(f"wrote {out} and {out.with_suffix('.yaml')}")
+    if out.is_dir():
+        print(f"wrote {out}/unet, {out}/controlnet and {out}/export.yaml")
+    else:
+        print(f"wrote {out} and {out.with_suffix('.yaml')}")
     return 0
 
 
