@@ -59,6 +59,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# the backfill pass starts a requeued job once it is eligible again (default: every 30 s)
+SchedulerParameters=bf_interval=2
 ReturnToService=2
 JobRequeue=1
 KillWait=10

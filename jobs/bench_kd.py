@@ -1,7 +1,7 @@
 """Benchmark: one small student distilled four ways from pretrained ncnn teachers (CPU).
 
     python jobs/bench_kd.py [CONFIG.yaml] [key=value ...]
-    python jobs/bench_kd.py steps=1500 aggregator_steps=500 output=runs/bench_kd
+    python jobs/bench_kd.py steps=4000 aggregator_steps=1500 output=runs/bench_kd
 
 Keys are ``distsr.evaluate.bench_kd.BenchKDConfig`` fields. Trains (a) L1 only, (b) vanilla
 output KD, (c) MTKD and (d) the DTKD loss with the same student, steps and data (bicubic x4 crops

@@ -1,4 +1,4 @@
-"""cluster/Dockerfile agrees with the versions pyproject.toml pins and the image the manifests run."""
+"""cluster/Dockerfile agrees with the pinned versions and the image the manifests run."""
 
 from __future__ import annotations
 

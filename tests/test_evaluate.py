@@ -227,11 +227,20 @@ def test_upscale_cli_folder_with_unreadable_file(run_dir, tmp_path, capsys):
     assert "unet_ema.safetensors" in capsys.readouterr().err
 
 
-def test_export_official_format_reloads_strictly(run_dir, tmp_path):
+def test_export_official_format_reloads_strictly(run_dir, tmp_path, capsys):
+    # the tiny config normalises with 8 groups, which the official UNet cannot rebuild: refused
     out = tmp_path / "student.pth"
-    assert upscale_main(["export", "--checkpoint", str(run_dir), "--raw", str(out)]) == 0
+    assert upscale_main(["export", "--checkpoint", str(run_dir), "--raw", str(out)]) == 2
+    assert "norm_groups=8" in capsys.readouterr().err and not out.exists()
+    # the same network at the official 32 groups (same keys and shapes) exports
+    official_cfg = tmp_path / "config.yaml"
+    cfg_text = (run_dir / "config.yaml").read_text().replace("norm_groups: 8", "norm_groups: 32")
+    official_cfg.write_text(cfg_text)
+    weights = run_dir / "export" / "unet.safetensors"
+    args = ["export", "--checkpoint", str(weights), "--config", str(official_cfg), "--raw"]
+    assert upscale_main([*args, str(out)]) == 0
     state = torch.load(out, map_location="cpu", weights_only=True)
-    cfg = load_run_config(str(run_dir / "config.yaml")).method
+    cfg = load_run_config(str(official_cfg)).method
     unet = load_official_state_dict(out, UNetModelSwin(**cfg.unet))
     # a plain state_dict holding every key (buffers too), as the official reload_model walks
     assert "state_dict" not in state and set(state) == set(unet.state_dict())
@@ -241,6 +250,7 @@ def test_export_official_format_reloads_strictly(run_dir, tmp_path):
         assert torch.equal(state[key], value), key
     official = yaml.safe_load(out.with_suffix(".yaml").read_text())
     assert official["model"]["params"]["model_channels"] == cfg.unet["model_channels"]
+    assert "norm_groups" not in official["model"]["params"]  # not an official argument
     assert official["diffusion"]["params"]["steps"] == cfg.schedule.steps
 
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 slurm = load_job("slurm")
 IP = "127.0.0.1"
 SHARDS, PER_SHARD = 8, 4  # a pass: 4 shard reads (16 samples, 4 steps) per rank
-MAX_STEPS, EVERY = 20, 5
+MAX_STEPS, EVERY = 30, 5
 # the GCS declares a raylet dead after 5 missed 1 s health checks (default: 5 x 3 s)
 HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
 
@@ -174,23 +174,24 @@ def test_one_worker_per_node_and_a_lost_node_is_survived(tiny_shards, tmp_path):
             driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)  # fmt: skip
         try:
-            slurm.wait_until(lambda: complete(run_dir), "the first complete checkpoint", 600,
-                             driver)  # fmt: skip
+            slurm.wait_until(lambda: metrics(run_dir), "the first step", 600, driver)
             workers = [
                 a["node_id"]
                 for a in cluster.state("actors")
                 if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
             ]
-            before = reads(log)
+            slurm.wait_until(lambda: complete(run_dir), "the first complete checkpoint", 600,
+                             driver, interval=0.1)  # fmt: skip
             first_complete = complete(run_dir)[-1]
             os.kill(raylet_b, signal.SIGKILL)  # the second node is lost
+            before = reads(log)  # the first attempt's reads
             killed_at = time.monotonic()
             slurm.wait_until(lambda: "node_b" not in cluster.alive_nodes(),
                              "the killed node to be declared dead", 120, driver)  # fmt: skip
             detected = time.monotonic() - killed_at
             cluster.join("node_b")  # its replacement
             raylet_b2 = group_pid(cluster.nodes[1].pid, "raylet")
-            driver.wait(timeout=900)
+            driver.wait(timeout=600)
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -202,8 +203,9 @@ def test_one_worker_per_node_and_a_lost_node_is_survived(tiny_shards, tmp_path):
 
     # one worker per node: the two live Ray Train workers ran on node_a's and node_b's ids
     assert sorted(workers) == sorted([nodes["node_a"], nodes["node_b"]])
-    # ... and, from the reads, rank 0 on the head's raylet and rank 1 on node_b's
-    assert {(r, p) for r, p, _ in before} == {(0, raylet_a), (1, raylet_b)}, before
+    # ... and, from the reads, each rank read on one of the two raylets, a different one each
+    placed = {rank: {p for r, p, _ in before if r == rank} for rank in (0, 1)}
+    assert sorted(placed.values()) == sorted([{raylet_a}, {raylet_b}]), before
     # each rank reads its own shards: in every pass (before the loss) the two ranks' 4 reads
     # are disjoint and together cover the 8 shards once
     ranks = [[s for r, _, s in before if r == rank] for rank in (0, 1)]
@@ -212,20 +214,23 @@ def test_one_worker_per_node_and_a_lost_node_is_survived(tiny_shards, tmp_path):
         first, second = set(ranks[0][k : k + 4]), set(ranks[1][k : k + 4])
         assert len(first) == len(second) == 4 and not first & second, ranks
         assert first | second == {f"part-{i}" for i in range(SHARDS)}
-    # after the restart rank 1 read on the replacement node, rank 0 still on the head
+    # after the restart one rank read on the replacement node, the other on the head
     after = reads(log)[len(before) :]
-    assert (1, raylet_b2) in {(r, p) for r, p, _ in after}, after
-    assert {p for r, p, _ in after if r == 0} <= {raylet_a}
+    (moved,) = {r for r, p, _ in after if p == raylet_b2} or {None}
+    assert moved is not None and (1 - moved, raylet_a) in {(r, p) for r, p, _ in after}, after
 
-    # restarted once from the newest complete checkpoint; nothing lost
-    resumed = re.findall(r"resumed from (\S+) at step (\d+)", text)
-    assert len(resumed) == 1, text[-4000:]
-    folder, step = Path(resumed[0][0]), int(resumed[0][1])
-    assert folder.name == f"step_{step:08d}" and step >= first_complete and step % EVERY == 0
+    # restarted once, from the newest checkpoint complete when the node was lost; nothing lost
+    resumed = set(re.findall(r"resumed from (\S+) at step (\d+)", text))  # each line twice:
+    assert len(resumed) == 1, text[-4000:]  # both nodes' log monitors tail the session's logs
+    folder, step = Path(next(iter(resumed))[0]), int(next(iter(resumed))[1])
     steps = [m["step"] for m in metrics(run_dir)]
-    tail = steps[len(steps) - (MAX_STEPS - step) :]
-    assert tail == list(range(step + 1, MAX_STEPS + 1)), steps
-    assert set(steps) == set(range(1, MAX_STEPS + 1)), steps
+    # the last step before the loss (the killed worker runs on until Ray's process watcher sees
+    # its raylet gone: a few steps, maybe a checkpoint) is logged again unless it was resumed
+    reached = next((a for a, b in zip(steps, steps[1:], strict=False) if b <= a), step)
+    # the checkpoint of step s completed before step s + 1 ran (all ranks' barrier)
+    assert folder.name == f"step_{step:08d}" and step >= first_complete
+    assert (reached - 1) // EVERY * EVERY <= step <= reached and step % EVERY == 0, steps
+    assert steps == [*range(1, reached + 1), *range(step + 1, MAX_STEPS + 1)], steps
     status = json.loads((run_dir / "status.json").read_text())
     assert status["restarts"] == 1 and status["state"] == "finished", status
     final = torch.load(run_dir / f"step_{MAX_STEPS:08d}" / "client_state.pt", weights_only=False)

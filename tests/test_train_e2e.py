@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,11 +75,16 @@ def test_launch_trains_with_two_ray_workers_then_resumes_after_kill(tiny_shards,
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
-    assert "resumed from" in out and f"at step {newest}" in out
+    # Ray's workers outlive the killed driver for a moment and may still complete the checkpoint
+    # they were writing, so the newest complete one is read from the resume line, not guessed
+    found = re.search(r"resumed from \S+ at step (\d+)", out)
+    assert found, out[-4000:]
+    start = int(found.group(1))
+    assert start >= newest and start % 10 == 0  # a checkpoint step (every_steps=10)
     metrics = read_metrics(run_dir)
     resumed = [m["step"] for m in metrics[logged_before:]]
     # the second launch logs exactly the steps after the checkpoint it resumed from
-    assert resumed == list(range(newest + 5, 41, 5))
+    assert resumed == list(range(start + 5, 41, 5))
     losses = [m["loss/unet"] for m in metrics]
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
     assert ray_checkpoints(run_dir)[-1] == "step_00000040"

@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-config", help="config.yaml when --student is a weights file")
     p.add_argument("--teacher", help="run folder (or weights file) of the T-step teacher")
     p.add_argument("--teacher-config", help="config.yaml when --teacher is a weights file")
+    p.add_argument("--predictor", action="append", default=[], metavar="NAME=RUN",
+                   help="another student's run folder, a row NAME (repeatable)")  # fmt: skip
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     p.add_argument("--sampler", choices=("stochastic", "deterministic"), default="stochastic")
     p.add_argument("--scale", type=int, help="default: the student's/teacher's scale, else 4")
@@ -318,6 +320,11 @@ def _predictors(args, device) -> dict:
         nets["student"] = load_predictor(
             args.student, which, "one", config=args.student_config, device=device, seed=args.seed
         )
+    for spec in args.predictor:
+        name, _, run = spec.partition("=")
+        if not name or not run or name in ("bicubic", *nets):
+            raise ValueError(f"--predictor takes a new NAME=RUN_FOLDER, got {spec!r}")
+        nets[name] = load_predictor(run, which, "one", device=device, seed=args.seed)
     scales = {fn.scale for fn in nets.values()} | ({args.scale} if args.scale else set())
     if len(scales) > 1:
         raise ValueError(f"predictors and --scale disagree on the scale: {sorted(scales)}")

@@ -64,7 +64,7 @@ class DtkdRecipe(KDRecipe):
         return ["student"]
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
-        lq, gt, tgt = self.inputs(batch)
+        lq, gt, tgt = self.inputs(batch, step)
         sr = self.nets["student"](lq).float()  # S(lq)
         loss_task = task_loss(sr, gt)  # || S(lq) - gt ||_1
         loss_kd = self.kd_loss(sr, tgt["z0_tch"])  # grouped two-level DWT loss vs the teacher

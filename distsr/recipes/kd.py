@@ -161,10 +161,12 @@ class KDRecipe(Recipe):
     def columns(self, lq: torch.Tensor, tgt: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(lq in the trained network's dtype, gt float32, the teacher targets)."""
+    def inputs(
+        self, batch: dict, step: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(lq in the trained network's dtype, gt float32, the teacher targets at ``step``)."""
         lq = batch["lq"].to(self.device, self.dtype)
-        return lq, batch["gt"].to(self.device, torch.float32), self.source.targets(batch)
+        return lq, batch["gt"].to(self.device, torch.float32), self.source.targets(batch, step)
 
 
 def bicubic(lq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class AggregatorRecipe(KDRecipe):
         return ["aggregator"]
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
-        _, gt, tgt = self.inputs(batch)
+        _, gt, tgt = self.inputs(batch, step)
         srs = stack_outputs(self.teacher, tgt["z0_tch"])  # [sr_1 .. sr_N] on channels
         mt_hr = self.nets["aggregator"](srs.to(self.dtype)).float()
         loss = task_loss(mt_hr, gt)  # L_KA = || gt - mt_hr ||_1  (Eq. 1)
@@ -124,7 +124,7 @@ class MtkdRecipe(KDRecipe):
         return ["student"]
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
-        lq, gt, tgt = self.inputs(batch)
+        lq, gt, tgt = self.inputs(batch, step)
         sr = self.nets["student"](lq).float()  # I_stu
         loss_stu = task_loss(sr, gt)  # Eq. 2
         loss_dis = self.kd_loss(sr, tgt["z0_tch"])  # Eq. 3: DWT bands vs mt_hr, K = 1

@@ -144,7 +144,7 @@ class TadsrRecipe(Recipe):
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         cfg, teacher = self.cfg, self.teacher
         T = teacher.num_timesteps
-        tgt = self.source.targets(batch)
+        tgt = self.source.targets(batch, step)
         cond, z0_tch, z_gt = tgt["cond"], tgt["z0_tch"], tgt["z_gt"]
         # Alg. 1 line 3: one student step from the same z_T as the teacher's trajectory
         z0_stu = teacher.student_step(self.nets["student"], teacher.prior(cond, tgt["noise"]), cond)
@@ -187,7 +187,7 @@ class TadsrRecipe(Recipe):
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:
         """bicubic | teacher (T steps) | student (1 step) | gt, for the first 4 samples."""
         batch = first(batch, 4)
-        tgt = self.source.targets(batch)
+        tgt = self.source.targets(batch, step=-1)  # draw 0: a preview takes nothing from the RNG
         cond, teacher = tgt["cond"], self.teacher
         z0_stu = teacher.student_step(self.nets["student"], teacher.prior(cond, tgt["noise"]), cond)
         student = teacher.decode(z0_stu)

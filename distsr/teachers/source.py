@@ -20,11 +20,14 @@ device as the cache job did; in another batch composition, float32 kernels may s
 order, so a value can land on the neighbouring float16 (1 ulp).
 
 Noise. ``LiveTeacher`` draws a fresh z_T every step by default (Algorithm 1 of TAD-SR: a new
-eps each iteration), from the process's torch RNG (seeded per rank by the trainer). With
-``fresh_noise=False`` sample ``key`` uses the seeded noise ``teachers.noise.noise_for`` — what
-the cache stores. ``CachedTeacher`` picks one of the cache's K stored trajectories per sample
-and step (a ``torch.randint`` from the process RNG, so deterministic given the training seed)
-and regenerates that trajectory's prior eps from its seed.
+eps each iteration). Given the training step, the fresh eps of sample ``key`` is the seeded
+noise of draw ``1 + step`` (``teachers.noise.noise_for``): new every step, yet a function of
+(seed, key, step) alone, so a resumed run and another process draw the same (the trainer's RNG
+state, which other code also consumes, plays no part); without a step it comes from the
+process's torch RNG. With ``fresh_noise=False`` sample ``key`` uses the seeded noise of draw 0 —
+what the cache stores. ``CachedTeacher`` picks one of the cache's K stored trajectories per
+sample and step (a hash of (key, step); without a step a ``torch.randint``) and regenerates that
+trajectory's prior eps from its seed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from distsr.seeding import stable_seed
 from distsr.teachers.base import Teacher
 from distsr.teachers.noise import noise_for, noise_from_seeds, sample_seed
 
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
 class TeacherSource(Protocol):
     fingerprint: str
 
-    def targets(self, batch: dict) -> dict: ...
+    def targets(self, batch: dict, step: int | None = None) -> dict: ...
 
 
 class LiveTeacher:
@@ -64,9 +68,11 @@ class LiveTeacher:
         self.fingerprint = teacher.fingerprint()
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> dict:
+    def targets(self, batch: dict, step: int | None = None) -> dict:
+        """``step`` (the training step) makes fresh noise a function of (seed, key, step)."""
         cond = rounded_cond(self.teacher, batch["lq"])
-        noise = self.noise(list(batch["__key__"]), cond)
+        fresh = None if step is None or not self.fresh_noise else 1 + step
+        noise = self.noise(list(batch["__key__"]), cond, draw=fresh)
         z0 = self.sample(cond, noise)
         z_gt = self.teacher.encode_gt(batch["gt"].to(self.teacher.device)).half()
         prior = None if noise is None else prior_eps(self.teacher, noise)
@@ -128,10 +134,11 @@ class CachedTeacher:
         self.fingerprint = cache.fingerprint
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> dict:
+    def targets(self, batch: dict, step: int | None = None) -> dict:
+        """``step`` makes the trajectory picked a function of (key, step)."""
         column = self._column(batch)
         device, seeds = self.teacher.device, column["seed"]
-        rows, pick = torch.arange(seeds.shape[0]), self.pick(seeds.shape)
+        rows, pick = torch.arange(seeds.shape[0]), self.pick(seeds.shape, batch["__key__"], step)
         stored = {name: column[name].to(device).float() for name in self.cache.stored}
         cond = self.teacher.prepare(batch["lq"].to(device), stored=stored)
         shape = self.teacher.noise_shape(cond)
@@ -142,11 +149,14 @@ class CachedTeacher:
         return {"cond": cond, "noise": noise, "z0_tch": as_targets(self.teacher, z0),
                 "z_gt": column["z_gt"].to(device).float()}  # fmt: skip
 
-    def pick(self, shape: torch.Size) -> torch.Tensor:
-        """The trajectory of each sample this step: uniform over the K stored ones."""
+    def pick(self, shape: torch.Size, keys=(), step: int | None = None) -> torch.Tensor:
+        """The trajectory of each sample this step: uniform over the K stored ones, a hash of
+        (key, step) when the step is given, else a draw from the RNG."""
         batch, draws = shape
         if draws == 1:  # nothing to pick: the RNG stream stays as without a cache
             return torch.zeros(batch, dtype=torch.int64)
+        if step is not None:
+            return torch.tensor([stable_seed(key, step) % draws for key in keys])
         return torch.randint(draws, (batch,), generator=self.generator)
 
     def _column(self, batch: dict) -> dict:

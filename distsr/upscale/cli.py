@@ -71,6 +71,20 @@ def upscale_images(predictor, pairs, tile: int, overlap: int, ramp: str) -> list
     return skipped
 
 
+def official_unet_params(unet: dict) -> dict:
+    """The UNet kwargs the official ``UNetModelSwin`` takes: distsr's ``norm_groups`` is left out
+    at the official 32; any other value cannot be rebuilt there, so the export refuses it."""
+    params = {k: v for k, v in unet.items() if k != "norm_groups"}
+    groups = unet.get("norm_groups", 32)
+    if groups != 32:
+        raise ValueError(
+            f"this UNet normalises with norm_groups={groups}; the official UNetModelSwin is fixed "
+            "at 32 groups, so the official code could not rebuild it (distsr's own .safetensors "
+            "export loads it)"
+        )
+    return params
+
+
 def official_config(method, out: Path) -> dict:
     """The official ``model`` / ``diffusion`` (and ``autoencoder``) sections for the export."""
     s = method.schedule
@@ -93,7 +107,7 @@ def official_config(method, out: Path) -> dict:
         "model": {
             "target": "models.unet.UNetModelSwin",
             "ckpt_path": str(out),
-            "params": method.unet,
+            "params": official_unet_params(method.unet),
         },
         "diffusion": {
             "target": "models.script_util.create_gaussian_diffusion",
@@ -117,6 +131,7 @@ def export_resshift(weights, method, cfg_path, out: Path) -> Path:
     if out.suffix not in (".pth", ".pt", ".ckpt"):
         raise ValueError(f"a ResShift student exports a torch checkpoint: OUT must end in .pth, "
                          f"got {out}")  # fmt: skip
+    official = official_config(method, out)  # refuses what the official code cannot rebuild
     unet = resshift_unet(weights, method, cfg_path)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
              for k, v in unet.state_dict().items()}  # fmt: skip
@@ -124,8 +139,7 @@ def export_resshift(weights, method, cfg_path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
-    sidecar = out.with_suffix(".yaml")
-    sidecar.write_text(yaml.safe_dump(official_config(method, out), sort_keys=False))
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(official, sort_keys=False))
     return out
 
 

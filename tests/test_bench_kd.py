@@ -1,0 +1,67 @@
+"""jobs/bench_kd.py on a tiny setting: real shards of the bundled photos, two real pretrained
+ncnn teachers (small ones), the in-process cache job and engine, four student variants, and the
+evaluation table (its shape, not its numbers); then the students load back as predictors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distsr.evaluate.bench_kd import VARIANTS
+from distsr.inference.sr_predictor import SRNet, is_sr_run, load_sr_predictor
+from distsr.models.ncnn import find_ncnn_models
+from distsr.models.sr import load_sr
+from tests.conftest import load_job
+
+TEACHERS = ["srmdnf-x4", "realesr-animevideov3-x4"]  # the two small x4 networks of the wheels
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not set(TEACHERS) <= set(find_ncnn_models()), reason="needs the [teachers] wheels"
+    ),  # fmt: skip
+]
+
+
+def test_bench_kd_writes_a_row_per_baseline_teacher_and_student(tmp_path):
+    out = tmp_path / "bench"
+    argv = [f"output={out}", f"teachers={TEACHERS}".replace("'", ""), "crop_size=32",
+            "stride=256", "steps=3", "aggregator_steps=2", "batch_size=4", "eval_size=32",
+            "metrics=[psnr,ssim]", "aggregator.channels=8"]  # fmt: skip
+    summary = load_job("bench_kd").main(argv)
+
+    lines = summary["table"].strip().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == ["model", "PSNR-Y ↑", "SSIM-Y ↑", "params", "train s"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert all(len(r) == len(head) for r in rows)
+    names = [r[0] for r in rows]
+    assert names[0] == "bicubic"
+    assert names[1:3] == [f"teacher {t}" for t in TEACHERS]
+    assert names[3].startswith("teacher: DCTSwin aggregation")
+    assert [n.split(")")[0] for n in names[4:]] == ["student (a", "student (b", "student (c",
+                                                    "student (d"]  # fmt: skip
+    for r in rows:
+        float(r[1]), float(r[2])  # every predictor scored
+    assert all(float(r[4]) >= 0 for r in rows[4:])  # students carry their training time
+    assert (out / "bench_kd.md").read_text().startswith(lines[0])
+    assert json.loads((out / "bench_kd.json").read_text())["table"] == summary["table"]
+    assert summary["notes"] == []  # every teacher installed, NIQE not asked for
+
+    # each student run loads back as a predictor, the exported weights under official names
+    for variant in VARIANTS:
+        run_dir = out / "runs" / f"student_{variant}"
+        assert is_sr_run(run_dir)
+        sr = load_sr_predictor(run_dir, "ema", device="cpu")
+        assert isinstance(sr, SRNet) and sr.scale == 4
+        lq = torch.rand(1, 3, 8, 8)
+        official = load_sr(run_dir / "export" / "student_ema.safetensors").net
+        assert torch.equal(sr(lq), official(lq).clamp(0, 1))
+    assert not is_sr_run(out / "runs" / "aggregator")  # trains no SR student
+
+
+def test_load_sr_predictor_refuses_a_run_without_an_sr_student(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no exported weights"):
+        load_sr_predictor(tmp_path, "ema")
