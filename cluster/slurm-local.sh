@@ -6,7 +6,8 @@
 #   sudo cluster/slurm-local.sh stop DIR    # stops the daemons by the pids in their pid files
 #
 # Needs root and Debian's `slurm-wlm` and `munge` (apt-get install -y slurm-wlm munge). No systemd
-# and nothing outside DIR: munged listens on DIR/munge/munge.socket with its own key. Ports:
+# and nothing outside DIR: munged listens on DIR/munge-run/munge.socket with its own key (the munge
+# user must be able to enter DIR: `mktemp -d` under /tmp, not a folder inside a 0700 one). Ports:
 # SLURMCTLD_PORT and SLURMD_PORT (default 6817 and 6818). `start` returns once `sinfo` shows the
 # node idle, or fails with the daemons' log tails after START_TIMEOUT_S (default 120) seconds.
 set -euo pipefail
@@ -59,8 +60,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# the backfill pass starts a requeued job once it is eligible again (default: every 30 s)
-SchedulerParameters=bf_interval=2
+# scheduling passes every 2 s: a requeued job starts as soon as it is eligible (default 60 s)
+SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 JobRequeue=1
 KillWait=10

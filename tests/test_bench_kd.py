@@ -29,7 +29,8 @@ def test_bench_kd_writes_a_row_per_baseline_teacher_and_student(tmp_path):
     out = tmp_path / "bench"
     argv = [f"output={out}", f"teachers={TEACHERS}".replace("'", ""), "crop_size=32",
             "stride=256", "steps=3", "aggregator_steps=2", "batch_size=4", "eval_size=32",
-            "metrics=[psnr,ssim]", "aggregator.channels=8"]  # fmt: skip
+            "metrics=[psnr,ssim]",  # a nested section given whole: from_dict fills the rest
+            "aggregator={channels: 8, blocks: 1, heads: 2, mean_skip: true}"]  # fmt: skip
     summary = load_job("bench_kd").main(argv)
 
     lines = summary["table"].strip().splitlines()

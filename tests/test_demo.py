@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_demo_pipeline_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "distsr.launch", "demo", f"output_dir={out}", "stride=160",
-           "teacher_steps=6", "student_steps=4", "eval_size=64"]  # fmt: skip
+           "teacher_steps=6", "student_steps=4", "kd_steps=4", "eval_size=64"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     log = done.stdout + done.stderr
@@ -35,4 +35,4 @@ def test_demo_pipeline_writes_the_report(tmp_path):
     # a second run resumes: every stage is found done and nothing is recomputed
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert again.stdout.count("done already") == 5
+    assert again.stdout.count("done already") == 7  # 5 + the two KD stages (ncnn teacher)

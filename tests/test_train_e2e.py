@@ -178,6 +178,10 @@ def test_in_process_run_resumes_and_keeps_ema(tiny_shards, tmp_path):
         # EMA.update's own operation on the same fp32 tensors: bit-equal
         assert torch.equal(ema[name], shadow.clone().lerp_(weights[name], 1 - decay)), name
         assert not torch.equal(ema[name], weights[name])
+    # launched once more after its end: trains nothing, returns the last logged metrics
+    again = run(load_run_config("resshift_tiny", [*base, "engine.max_steps=5"]))
+    assert again == read_metrics(tmp_path / "inproc")[-1] and "step_time" in again
+    assert [m["step"] for m in read_metrics(tmp_path / "inproc")] == [1, 2, 3, 4, 5]
 
 
 def test_corrupt_shards_are_skipped_counted_and_training_continues(tiny_shards, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -218,9 +219,11 @@ class Trainer:
         self.status.update(state="running", step=self.step, skipped_samples=self.skipped)
         accum = cfg.engine.grad_accum
         micro_steps = (cfg.engine.max_steps - self.step) * accum
-        if micro_steps <= 0:
+        if micro_steps <= 0:  # relaunched after the end: report the run's last metrics
             self.status.update(state="finished")
-            return self.last
+            if self.ctx.is_main:
+                print(f"[distsr] already finished at step {self.step}", flush=True)
+            return last_logged(cfg.run_dir, self.last)
         self.logger = MetricLogger(cfg.run_dir, enabled=self.ctx.is_main,
                                    tensorboard=cfg.engine.tensorboard,
                                    max_steps=cfg.engine.max_steps)  # fmt: skip
@@ -243,6 +246,13 @@ class Trainer:
         export_weights(cfg.run_dir, self.engines, self.emas, self.ctx.is_main)
         self.status.update(state="finished", step=self.step)
         return self.last
+
+
+def last_logged(run_dir, default: dict) -> dict:
+    """The last line of the run's ``metrics.jsonl`` (``default`` when there is none)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else default
 
 
 def train_worker(cfg: RunConfig, ctx: DistContext, store) -> dict:

@@ -29,6 +29,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distsr.models.dctswin import DCTSwinConfig
+from distsr.recipes.kd import StudentConfig
+
 VARIANTS = ("l1", "vanilla_kd", "mtkd", "dtkd")
 TEACHER_NAMES = {"srmdnf-x4": "srmdnf", "realsr-df2k-x4": "realsr",
                  "realesrgan-x4plus": "realesrgan"}  # fmt: skip
@@ -48,12 +51,10 @@ class BenchKDConfig:
     aggregator_steps: int = 1500  # MTKD stage 1
     batch_size: int = 16
     lr: float = 2.0e-3
-    student: dict = field(default_factory=lambda: {
-        "arch": "srvgg", "preset": "compact", "scale": 4,
-        "kwargs": {"num_feat": 32, "num_conv": 8}})  # fmt: skip
-    aggregator: dict = field(default_factory=lambda: {
-        "channels": 16, "blocks": 1, "layers": 2, "window": 8, "heads": 2, "mlp_ratio": 2.0,
-        "mean_skip": True})  # fmt: skip
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(
+        "srvgg", "compact", scale=4, kwargs={"num_feat": 32, "num_conv": 8}))  # fmt: skip
+    aggregator: DCTSwinConfig = field(default_factory=lambda: DCTSwinConfig(
+        channels=16, blocks=1, layers=2, window=8, heads=2, mean_skip=True))  # fmt: skip
     eval_size: int = 256  # held-out photos are centre-cropped to this HR size
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "niqe"])
     weights_dir: str | None = None  # metric weights (torch hub layout): NIQE's pyiqa/*.mat
@@ -165,7 +166,7 @@ def train(run: dict, export: str) -> tuple[Path, float]:
 def variant_method(cfg: BenchKDConfig, variant: str, kd_cache: str, kd_teacher: dict,
                    mtkd: tuple[str, dict] | None) -> tuple[str, dict]:  # fmt: skip
     """(recipe, method section) of a student variant."""
-    base = {"student": dict(cfg.student)}
+    base = {"student": asdict(cfg.student)}
     if variant == "mtkd":
         cache_dir, teacher = mtkd
         return "mtkd", {**base, "teacher": teacher, "cache_dir": cache_dir,
@@ -188,13 +189,13 @@ def train_mtkd_teacher(cfg, out, shards, teachers, timings) -> tuple[str, dict]:
     multi = teacher_section(teachers)
     multi_cache = cache(multi, shards, out)
     timings["cache all teachers"] = time.perf_counter() - t0
-    method = {"teachers": multi, "cache_dir": multi_cache, "aggregator": dict(cfg.aggregator)}
+    method = {"teachers": multi, "cache_dir": multi_cache, "aggregator": asdict(cfg.aggregator)}
     run = run_dict(cfg, out, shards, "aggregator", "mtkd_aggregator", method, cfg.aggregator_steps)
     run_dir, seconds = train(run, "aggregator_ema.safetensors")
     timings["train aggregator (MTKD stage 1)"] = seconds
     t0 = time.perf_counter()
     export = run_dir / "export" / "aggregator_ema.safetensors"
-    aggregated = teacher_section(teachers, kind="aggregated", aggregator=dict(cfg.aggregator),
+    aggregated = teacher_section(teachers, kind="aggregated", aggregator=asdict(cfg.aggregator),
                                  checkpoint=str(export))  # fmt: skip
     aggregated_cache = cache(aggregated, shards, out)
     timings["cache the aggregated teacher"] = time.perf_counter() - t0
