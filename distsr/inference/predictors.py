@@ -215,15 +215,18 @@ def student_spec(cfg, source):
 
 
 def family(spec, source) -> str:
-    """The network family of a student spec, by its type: ``"resshift"`` or ``"seesr"``. The one
-    place inference and export dispatch on (each keeps a table keyed by these names)."""
+    """The network family of a student spec, by its type: ``"resshift"``, ``"seesr"`` or ``"sr"``
+    (a single-pass SR network of DTKD / MTKD). The one place inference and export dispatch on
+    (each keeps a table keyed by these names)."""
+    from distsr.models.sr.build import StudentConfig
     from distsr.teachers.seesr_config import SeeSRTeacherConfig
 
-    for cls, name in ((ResShiftSpec, "resshift"), (SeeSRTeacherConfig, "seesr")):
+    kinds = ((ResShiftSpec, "resshift"), (SeeSRTeacherConfig, "seesr"), (StudentConfig, "sr"))
+    for cls, name in kinds:
         if isinstance(spec, cls):
             return name
     raise ValueError(f"{source}: the run exports a {type(spec).__name__}; inference and export "
-                     "support ResShift and SeeSR students")  # fmt: skip
+                     "support ResShift, SeeSR and single-pass SR students")  # fmt: skip
 
 
 def load_student(
@@ -236,10 +239,12 @@ def load_student(
     """(weights file, the run's student spec, config path) of a run folder (``config.yaml`` +
     ``export/<engine>[_ema].safetensors``; engine default: the student, else ``unet``) or of a
     weights file (official ``.pth`` or exported ``.safetensors``) plus ``config``."""
+    from distsr.config import planning_without_files
     from distsr.runconfig import load_run_config
 
     weights, cfg_path = _locate(Path(run_dir_or_weights).expanduser(), which, config, engine)
-    cfg = load_run_config(str(cfg_path))
+    with planning_without_files():  # the training's cache and teacher files may be gone
+        cfg = load_run_config(str(cfg_path))
     return weights, student_spec(cfg, cfg_path), cfg_path
 
 
@@ -284,7 +289,13 @@ def _seesr_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
     return SeeSROneStep(build_seesr_teacher(spec, device, denoiser=student), seed)
 
 
-PREDICTORS = {"resshift": _resshift_predictor, "seesr": _seesr_predictor}
+def _sr_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
+    from distsr.inference.sr_predictor import sr_predictor
+
+    return sr_predictor(weights, spec, cfg_path, device=device)
+
+
+PREDICTORS = {"resshift": _resshift_predictor, "seesr": _seesr_predictor, "sr": _sr_predictor}
 
 
 def load_predictor(

@@ -17,37 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsr.config import missing_dir, missing_file
+from distsr.config import missing_dir
 from distsr.data.cache import TeacherCache
+from distsr.models.sr.build import StudentConfig
 from distsr.recipes.base import Recipe
 from distsr.recipes.tadsr import first
 from distsr.teachers.base import Teacher
 from distsr.teachers.source import CachedTeacher, LiveTeacher
-
-
-@dataclass
-class StudentConfig:
-    """A fresh ``build_sr(arch, preset, scale=scale, **kwargs)``; ``checkpoint``: init weights
-    (any file of that architecture, loaded strictly)."""
-
-    arch: str = "swinir"
-    preset: str | None = None  # None: the arch's default (models.sr.build.DEFAULT_PRESET)
-    scale: int = 4
-    kwargs: dict = field(default_factory=dict)
-    checkpoint: str | None = None
-
-    def validate(self) -> list[tuple[str, str]]:
-        from distsr.models.sr.build import BUILDERS, PRESETS
-
-        if self.arch.lower() not in BUILDERS:
-            return [("arch", f"must be one of {sorted(BUILDERS)}, got {self.arch!r}")]
-        presets = PRESETS[self.arch.lower()]
-        problems = []
-        if self.preset is not None and self.preset not in presets:
-            problems.append(("preset", f"must be one of {sorted(presets)}, got {self.preset!r}"))
-        if self.scale < 1:
-            problems.append(("scale", f"must be >= 1, got {self.scale}"))
-        return problems + missing_file("checkpoint", self.checkpoint, "student init weights")
 
 
 def build_student(cfg: StudentConfig) -> nn.Module:
@@ -134,6 +110,12 @@ def task_loss(sr: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 class KDRecipe(Recipe):
     """A frozen image-space teacher behind a ``TeacherSource``; subclasses add the trained
     network and ``training_step``. ``make_teacher(cfg, device)`` builds the teacher."""
+
+    @classmethod
+    def student_spec(cls, cfg):
+        """The exported network: the single-pass student (a stage without one has none)."""
+        student = getattr(cfg, "student", None)
+        return student if student is not None else super().student_spec(cfg)
 
     def __init__(self, cfg: SourceConfig, *, device, dtype=torch.float32, teacher=None):
         super().__init__(cfg, device=device, dtype=dtype)

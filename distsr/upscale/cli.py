@@ -170,7 +170,24 @@ def export_seesr(weights, spec, cfg_path, out: Path) -> Path:
     return out
 
 
-EXPORTERS = {"resshift": export_resshift, "seesr": export_seesr}
+def export_sr(weights, student, cfg_path, out: Path) -> Path:
+    """A single-pass SR student as the BasicSR-style ``{"params": state_dict}`` .pth (official
+    key names: the official test scripts and ``models.sr.load_sr`` read it)."""
+    from distsr.inference.sr_predictor import sr_predictor
+
+    if out.suffix not in (".pth", ".pt"):
+        raise ValueError(f"an SR student exports a torch checkpoint: OUT must end in .pth, "
+                         f"got {out}")  # fmt: skip
+    net = sr_predictor(weights, student, cfg_path).net  # loads strictly: a wrong file fails here
+    state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"params": state}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+EXPORTERS = {"resshift": export_resshift, "seesr": export_seesr, "sr": export_sr}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,11 @@ student RCAN-light (10 groups x 6); SRMD / SRMDNF; RRDBNet and SRVGGNetCompact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
+from distsr.config import missing_file
 from distsr.models.sr.nets import EDSR, SRMD
 
 _SWIN_LIGHT = {"embed_dim": 60, "depths": [6] * 4, "num_heads": [6] * 4,
@@ -92,3 +95,26 @@ def build_sr(arch: str, preset: str | None = None, *, scale: int = 4, **kwargs) 
     if preset not in PRESETS[arch]:
         raise ValueError(f"unknown {arch} preset {preset!r}; known: {sorted(PRESETS[arch])}")
     return BUILDERS[arch](int(scale), **{**PRESETS[arch][preset], **kwargs})
+
+
+@dataclass
+class StudentConfig:
+    """A fresh ``build_sr(arch, preset, scale=scale, **kwargs)``; ``checkpoint``: init weights
+    (any file of that architecture, loaded strictly)."""
+
+    arch: str = "swinir"
+    preset: str | None = None  # None: the arch's default (models.sr.build.DEFAULT_PRESET)
+    scale: int = 4
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.arch.lower() not in BUILDERS:
+            return [("arch", f"must be one of {sorted(BUILDERS)}, got {self.arch!r}")]
+        presets = PRESETS[self.arch.lower()]
+        problems = []
+        if self.preset is not None and self.preset not in presets:
+            problems.append(("preset", f"must be one of {sorted(presets)}, got {self.preset!r}"))
+        if self.scale < 1:
+            problems.append(("scale", f"must be >= 1, got {self.scale}"))
+        return problems + missing_file("checkpoint", self.checkpoint, "student init weights")
