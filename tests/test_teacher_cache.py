@@ -264,6 +264,7 @@ def test_killed_job_resumes_with_every_key_once(ray_cluster, unet_ckpt, tiny_sha
     deadline = time.monotonic() + 30  # Ray kills the dead driver's actor: wait for its CPU back
     while ray_cluster.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) >= 4, "the dead job's actor kept CPUs"
     last.unlink()
     last.write_bytes(real)
     kept = {name: (cache_dir / name).stat().st_mtime_ns for name in done}

@@ -101,10 +101,10 @@ def input_block_channels(unet: UNetModelSwin) -> list[int]:
     return chans
 
 
-def validate_levels(unet: UNetModelSwin, levels: Sequence) -> tuple:
-    """Check levels (skip indices into ``unet.input_blocks`` and/or ``"mid"``); raise a
-    ValueError explaining the choice."""
-    n = len(unet.input_blocks)
+def check_levels(levels: Sequence, channels: Sequence[int], what: str, hint: str) -> tuple:
+    """Feature levels of any encoder: distinct skip indices into ``channels`` and/or ``"mid"``;
+    otherwise a ValueError naming ``what`` the encoder has and the ``hint``."""
+    n = len(channels)
     levels = tuple(levels)
     bad = [
         lv
@@ -113,14 +113,21 @@ def validate_levels(unet: UNetModelSwin, levels: Sequence) -> tuple:
     ]
     if bad or len(set(levels)) != len(levels) or not levels:
         raise ValueError(
-            f"feature levels {list(levels)} are invalid for this UNet: it has {n} input blocks "
-            f"(skip indices 0..{n - 1}, output channels {input_block_channels(unet)}) and "
-            f"{MIDDLE!r} for the middle block; pick distinct ones. The official TAD-SR levels "
-            f"{list(OFFICIAL_LEVELS)} + mid fit the released 12-block UNet (channel_mult "
-            f"[1,2,2,4], num_res_blocks 2); a smaller UNet needs its own, e.g. the last block of "
-            "each level."
+            f"feature levels {list(levels)} are invalid for this UNet: it has {n} {what} "
+            f"(indices 0..{n - 1}, channels {list(channels)}) and {MIDDLE!r} for the middle "
+            f"block; pick distinct ones. {hint}"
         )
     return levels
+
+
+def validate_levels(unet: UNetModelSwin, levels: Sequence) -> tuple:
+    """Check levels (skip indices into ``unet.input_blocks`` and/or ``"mid"``)."""
+    hint = (
+        f"The official TAD-SR levels {list(OFFICIAL_LEVELS)} + mid fit the released 12-block "
+        "UNet (channel_mult [1,2,2,4], num_res_blocks 2); a smaller UNet needs its own, e.g. "
+        "the last block of each level."
+    )
+    return check_levels(levels, input_block_channels(unet), "input blocks", hint)
 
 
 def feature_channels(unet: UNetModelSwin, levels: Sequence) -> list[int]:

@@ -27,7 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from distsr.models.checkpoint import check_state_dict, read_checkpoint
-from distsr.models.resshift import MIDDLE
+from distsr.models.resshift import MIDDLE, check_levels
 from distsr.models.seesr_blocks import (
     DOWN_BLOCKS,
     IMAGE_CROSS_ATTENTION_DIM,
@@ -347,22 +347,12 @@ def skip_channels(unet: SeeSRUNet) -> list[int]:
 
 
 def validate_levels(unet: SeeSRUNet, levels: Sequence) -> tuple:
-    """Check levels (skip indices and/or ``"mid"``); raise a ValueError explaining the choice."""
-    n = len(skip_channels(unet))
-    levels = tuple(levels)
-    bad = [
-        lv
-        for lv in levels
-        if lv != MIDDLE and (not isinstance(lv, int) or isinstance(lv, bool) or not 0 <= lv < n)
-    ]
-    if bad or len(set(levels)) != len(levels) or not levels:
-        raise ValueError(
-            f"feature levels {list(levels)} are invalid for this UNet: it has {n} skips "
-            f"(indices 0..{n - 1}, channels {skip_channels(unet)}) and {MIDDLE!r} for the mid "
-            f"block; pick distinct ones. The official TAD-SeeSR levels are "
-            f"{list(TADSR_SEESR_LEVELS)} (SD-2: the last layer of each resolution)."
-        )
-    return levels
+    """Check levels (skip indices and/or ``"mid"``)."""
+    hint = (
+        f"The official TAD-SeeSR levels are {list(TADSR_SEESR_LEVELS)} (SD-2: the last layer "
+        "of each resolution)."
+    )
+    return check_levels(levels, skip_channels(unet), "skips", hint)
 
 
 def feature_channels(unet: SeeSRUNet, levels: Sequence) -> list[int]:

@@ -19,7 +19,18 @@ from distsr.fingerprint import hash_modules
 from distsr.teachers.base import Teacher
 
 
-class RegressionTeacher(Teacher):
+class ImageSpaceTeacher(Teacher):
+    """A teacher whose outputs are images in [0, 1]: ``encode_gt`` and ``decode`` are the
+    identity (clamped)."""
+
+    def encode_gt(self, gt: torch.Tensor) -> torch.Tensor:
+        return gt.to(self.device, torch.float32)
+
+    def decode(self, z0: torch.Tensor) -> torch.Tensor:
+        return z0.float().clamp(0, 1)
+
+
+class RegressionTeacher(ImageSpaceTeacher):
     """A frozen single-pass SR network ``net(lq [0, 1]) -> sr [0, 1]`` at ``scale``."""
 
     kind = "regression"
@@ -44,12 +55,6 @@ class RegressionTeacher(Teacher):
             raise ValueError(f"{self.arch} returned {tuple(sr.shape)} for lq {tuple(lq.shape)}, "
                              f"expected {expected} at x{self.scale}")  # fmt: skip
         return sr
-
-    def encode_gt(self, gt: torch.Tensor) -> torch.Tensor:
-        return gt.to(self.device, torch.float32)
-
-    def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        return z0.float().clamp(0, 1)
 
     def fingerprint_parts(self) -> dict:
         if self._weights_hash is None:

@@ -23,7 +23,12 @@ from distsr.config import missing_file
 from distsr.fingerprint import hash_modules
 from distsr.models.dctswin import DCTSwin, DCTSwinConfig
 from distsr.teachers.base import Teacher
-from distsr.teachers.regression import MultiTeacher, RegressionTeacher, regression_teacher
+from distsr.teachers.regression import (
+    ImageSpaceTeacher,
+    MultiTeacher,
+    RegressionTeacher,
+    regression_teacher,
+)
 
 
 @dataclass
@@ -101,7 +106,7 @@ def load_teacher_file(path: str, scale: int) -> RegressionTeacher:
     return RegressionTeacher(net, scale, f"{detect_arch(read_param(path))} (ncnn)")
 
 
-class AggregatedTeacher(Teacher):
+class AggregatedTeacher(ImageSpaceTeacher):
     """MTKD's frozen knowledge aggregation: ``sample`` = DCTSwin(concat of the teachers' outputs),
     images in [0, 1] (paper 004, Sec. 3.1-3.2). ``teachers`` is a ``MultiTeacher`` (or one
     regression teacher)."""
@@ -126,12 +131,6 @@ class AggregatedTeacher(Teacher):
     def sample(self, cond: dict, noise: torch.Tensor | None = None) -> torch.Tensor:
         srs = self.teachers.sample(cond, noise)
         return self.aggregator(stack_outputs(self.teachers, srs)).float()
-
-    def encode_gt(self, gt: torch.Tensor) -> torch.Tensor:
-        return gt.to(self.device, torch.float32)
-
-    def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        return z0.float().clamp(0, 1)
 
     def fingerprint_parts(self) -> dict:
         if self._weights_hash is None:
