@@ -4,6 +4,8 @@ engines over gloo in this process."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -192,3 +194,29 @@ def test_the_newer_of_rays_checkpoint_and_the_newest_marked_folder_wins(tmp_path
     assert resume_folder(run, str(tmp_path / "bucket" / "run" / "step_00000004")) == (
         run / "step_00000006"
     )
+
+
+def test_a_relaunch_removes_the_killed_launchs_folders_once_keep_newer_ones_are_complete(tmp_path):
+    from distsr.engine.ray_adapter import COMPLETE, RayStore
+
+    run = tmp_path / "run"
+    # the killed launch left 2 and 4 complete and 6 half-written; this launch saved 8 and 10
+    _checkpoints(run, marked=[2, 4, 8], unmarked=[6, 10])
+    store = RayStore(0, run, keep=2, earlier=frozenset(f"step_{s:08d}" for s in (2, 4, 6)))
+    store.prune_earlier()  # complete: 4, 8 -> 2 goes; 6 is newer than 4 and stays for now
+    assert sorted(p.name for p in run.glob("step_*")) == [f"step_{s:08d}" for s in (4, 6, 8, 10)]
+    (run / "step_00000010" / COMPLETE).write_text("")
+    store.prune_earlier()  # complete: 8, 10 -> every earlier folder goes; this launch's stay
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000008", "step_00000010"]
+
+
+def test_folders_in_rays_persisted_registry_are_left_to_ray(tmp_path):
+    from distsr.engine.ray_adapter import RAY_SNAPSHOT, unknown_to_ray
+
+    run = tmp_path / "run"
+    _checkpoints(run, marked=[2, 4], unmarked=[6])
+    assert unknown_to_ray(run) == {"step_00000002", "step_00000004", "step_00000006"}
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "step_00000002", "metrics": {}}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "step_00000004"}}  # fmt: skip
+    (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert unknown_to_ray(run) == {"step_00000006"}

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from distsr.engine.ray_adapter import RAY_SNAPSHOT
 from distsr.launch import run
 from distsr.runconfig import load_run_config
 from tests.conftest import ROOT, tiny_overrides
@@ -70,7 +72,6 @@ def test_launch_trains_with_two_ray_workers_then_resumes_after_kill(tiny_shards,
     assert saved, "a checkpoint must exist before the kill"
     newest = int(saved[-1].split("_")[1])
     assert killed_at < 40
-    logged_before = len(read_metrics(run_dir))
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
@@ -82,15 +83,24 @@ def test_launch_trains_with_two_ray_workers_then_resumes_after_kill(tiny_shards,
     start = int(found.group(1))
     assert start >= newest and start % 10 == 0  # a checkpoint step (every_steps=10)
     metrics = read_metrics(run_dir)
-    resumed = [m["step"] for m in metrics[logged_before:]]
-    # the second launch logs exactly the steps after the checkpoint it resumed from
-    assert resumed == list(range(start + 5, 41, 5))
+    steps = [m["step"] for m in metrics]
+    # the second launch logs the steps after the checkpoint it resumed from, each once; the
+    # killed run's workers may have logged a step or two more before they died
+    resumed = list(range(start + 5, 41, 5))
+    assert steps[-len(resumed) :] == resumed and steps.count(start) <= 1, steps
     losses = [m["loss/unet"] for m in metrics]
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
     assert ray_checkpoints(run_dir)[-1] == "step_00000040"
-    assert len(ray_checkpoints(run_dir)) <= 2  # keep: 2
+    # keep: 2, the killed launch's unregistered folders included (Ray's registry is where the
+    # driver looks for which folders Ray will prune itself)
+    assert len(ray_checkpoints(run_dir)) <= 2
+    assert (run_dir / RAY_SNAPSHOT).is_file()
     assert (run_dir / "config.yaml").exists() and (run_dir / "run.yaml").exists()
-    assert list((run_dir / "tensorboard").glob("events.*"))
+    # TensorBoard shows one curve: the resumed writer purged what the killed run logged past
+    # the checkpoint
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/unet")] == list(range(5, 41, 5))
 
 
 def test_worker_killed_mid_run_is_restarted_from_last_checkpoint(

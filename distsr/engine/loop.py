@@ -224,9 +224,13 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"[distsr] already finished at step {self.step}", flush=True)
             return last_logged(cfg.run_dir, self.last)
-        self.logger = MetricLogger(cfg.run_dir, enabled=self.ctx.is_main,
-                                   tensorboard=cfg.engine.tensorboard,
-                                   max_steps=cfg.engine.max_steps)  # fmt: skip
+        self.logger = MetricLogger(
+            cfg.run_dir,
+            enabled=self.ctx.is_main,
+            tensorboard=cfg.engine.tensorboard,
+            max_steps=cfg.engine.max_steps,
+            resumed_at=self.step,
+        )
         # spare batches for skipped non-finite micro-batches (every rank skips the same ones)
         spare = cfg.engine.max_nonfinite_in_row * accum * 4
         done_micro = 0

@@ -1,4 +1,8 @@
-"""Training progress: console line with ETA, ``metrics.jsonl`` and TensorBoard (rank 0)."""
+"""Training progress: console line with ETA, ``metrics.jsonl`` and TensorBoard (rank 0).
+
+``metrics.jsonl`` is the run's history: a resumed run appends the steps after its checkpoint,
+so steps a crashed attempt logged past that checkpoint appear twice (equal, when resume is
+exact). TensorBoard shows one curve: a resumed writer purges the events past the checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import torch
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, max_steps: int):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, max_steps: int,
+                 resumed_at: int = 0):  # fmt: skip
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.max_steps = max_steps
@@ -29,7 +34,10 @@ class MetricLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step hides the events a crashed run wrote past the checkpoint it resumes
+                self.writer = SummaryWriter(
+                    str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None
+                )
 
     def timed(self, iterable):
         """Yield from ``iterable``, adding the time spent waiting for each item to ``data_wait``."""

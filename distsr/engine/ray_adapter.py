@@ -10,6 +10,7 @@ the newer of ``ray.train.get_checkpoint()`` and the newest folder marked ``COMPL
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -47,15 +48,29 @@ def resume_folder(run_dir: Path, ray_path: str | None) -> Path | None:
     return max(candidates, key=lambda p: p.name, default=None)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry, kept in the run
+
+
+def unknown_to_ray(run_dir: Path) -> frozenset[str]:
+    """Step folders of ``run_dir`` that Ray's persisted checkpoint registry does not list: left by
+    a launch killed before Ray registered them. Ray never deletes these; ``RayStore`` does."""
+    snapshot = run_dir / RAY_SNAPSHOT
+    text = snapshot.read_text() if snapshot.is_file() else ""
+    known = set(re.findall(r'"checkpoint_dir_name":\s*"([^"]+)"', text))
+    return frozenset(p.name for p in run_dir.glob("step_*") if p.name not in known)
+
+
 class RayStore:
     """Checkpoints through ``ray.train.report``. Ray's registry of reported checkpoints can lag
     behind a worker or driver that dies (results are polled), so every checkpoint whose uploads
     all returned is also marked ``COMPLETE`` in the run folder, and resume takes the newer of
     Ray's latest checkpoint and the newest complete folder (``resume_folder``)."""
 
-    def __init__(self, rank: int, run_dir: Path):
+    def __init__(self, rank: int, run_dir: Path, keep: int, earlier: frozenset[str] = frozenset()):
         self.rank = rank
         self.run_dir = Path(run_dir)
+        self.keep = keep
+        self.earlier = earlier  # step folders of earlier launches Ray's registry never saw
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Path | None]:
@@ -83,23 +98,37 @@ class RayStore:
         folder = self.run_dir / step_name(step)
         if self.rank == 0 and folder.is_dir():
             (folder / COMPLETE).write_text("all ranks uploaded\n")
+            self.prune_earlier()
+
+    def prune_earlier(self) -> None:
+        """Ray keeps the newest ``keep`` of the checkpoints it registered; the folders an earlier
+        (killed) launch left unregistered, complete or not, are removed here once they are older
+        than the ``keep`` newest complete ones."""
+        marked = sorted(p.parent.name for p in self.run_dir.glob(f"step_*/{COMPLETE}"))
+        if len(marked) < self.keep:
+            return
+        for name in sorted(self.earlier):
+            if name < marked[-self.keep]:
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
 
 
 def _ray_worker(config: dict) -> None:
     cfg: RunConfig = config["run_config"]  # parsed on the driver, pickled by Ray
     ctx = from_environment()
-    train_worker(cfg, ctx, RayStore(ctx.rank, cfg.run_dir))
+    store = RayStore(ctx.rank, cfg.run_dir, cfg.engine.checkpoint.keep, config["earlier"])
+    train_worker(cfg, ctx, store)
 
 
 def fit(cfg: RunConfig):
     """Run the training on the connected Ray cluster; returns Ray's ``Result``."""
     s = cfg.scaling
+    earlier = unknown_to_ray(Path(cfg.run_dir))
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"run_config": cfg},
+        train_loop_config={"run_config": cfg, "earlier": earlier},
         scaling_config=RayScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
