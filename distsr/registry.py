@@ -11,6 +11,9 @@ RECIPES: dict[str, str] = {
     "dtkd": "distsr.recipes.dtkd:DtkdRecipe",
     "mtkd_aggregator": "distsr.recipes.mtkd:AggregatorRecipe",
     "mtkd": "distsr.recipes.mtkd:MtkdRecipe",
+    "fkdiff_pretrain": "distsr.recipes.fkdiff:PretrainRecipe",
+    "fkdiff_prior": "distsr.recipes.fkdiff:PriorRecipe",
+    "fkdiff": "distsr.recipes.fkdiff:PHexKDRecipe",
 }
 
 # teacher config ``kind`` -> builder ``(cfg, device) -> Teacher``
@@ -19,6 +22,16 @@ TEACHERS: dict[str, str] = {
     "regression": "distsr.teachers.sr:build_regression_teachers",
     "aggregated": "distsr.teachers.sr:build_aggregated_teacher",
     "seesr": "distsr.teachers.seesr:build_seesr_teacher",
+    "fkdiff": "distsr.teachers.fkdiff:build_fkdiff_teacher",
+}
+
+# offline job -> the typed config its YAML is loaded into (``config.load_job_config``)
+JOB_CONFIGS: dict[str, str] = {
+    "cache_teacher": "distsr.teachers.config:CacheJobConfig",
+    "make_shards": "distsr.data.config:ShardsConfig",
+    "demo": "distsr.demo:DemoConfig",
+    "bench_kd": "distsr.evaluate.bench_kd:BenchKDConfig",
+    "bench_compile": "distsr.engine.bench_compile:BenchCompileConfig",
 }
 
 

@@ -7,7 +7,7 @@ Keys are ``distsr.evaluate.bench_kd.BenchKDConfig`` fields. Trains (a) L1 only, 
 output KD, (c) MTKD and (d) the DTKD loss with the same student, steps and data (bicubic x4 crops
 of the bundled photos), then scores bicubic, each teacher and each student on held-out photos.
 Writes ``OUTPUT/bench_kd.md`` (the table) and ``OUTPUT/bench_kd.json``; a re-run skips what is
-done. NIQE needs ``pyiqa/niqe_modelparameters.mat`` under ``weights_dir`` (torch hub layout).
+done. NIQE's parameter file is made from BasicSR's installed copy (the ``metrics`` extra).
 """
 
 from __future__ import annotations

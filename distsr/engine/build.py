@@ -61,6 +61,8 @@ def build_engine(
     cfg = engine_config(cfg, overrides)
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     module = module.to(ctx.device)
+    if cfg.channels_last:
+        in_channels_last(module)
     optimizer = build_optimizer(module, cfg)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -69,7 +71,44 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, micro_batch, ctx.world_size),
     )
+    return compiled(engine, cfg)
+
+
+def compiled(engine, cfg: EngineConfig | None):
+    """``engine.compile: true``: torch.compile the engine's module in place (DeepSpeed's
+    ``engine.compile`` with ``engine.compile_backend``), so the recipe's calls, ``plain``
+    forwards, state-dict keys, checkpoints and exports stay as they are."""
+    if cfg is not None and cfg.compile:
+        engine.compile(backend=cfg.compile_backend)
     return engine
+
+
+def in_channels_last(module: nn.Module) -> nn.Module:
+    """``engine.channels_last: true``: ``module`` runs in channels_last memory format inside,
+    plain NCHW outside. Its 4-D float inputs are made channels_last on entry (convolutions then
+    keep their activations in it) and its outputs contiguous again on exit, so the recipe's
+    ``randn_like`` draws and losses see the same tensors as without the option. Parameters stay
+    NCHW: DeepSpeed broadcasts them as flat bytes and ZeRO flattens them."""
+    module.register_forward_pre_hook(
+        lambda _m, args, kwargs: (_layout(args, True), _layout(kwargs, True)), with_kwargs=True
+    )
+    module.register_forward_hook(lambda _m, _args, out: _layout(out, False))
+    return module
+
+
+def _layout(value, last: bool):
+    """``value`` (tensors, possibly in tuples, lists or dicts) with its 4-D float tensors in
+    channels_last (``last``) or contiguous memory format."""
+    if isinstance(value, dict):
+        return {k: _layout(v, last) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_layout(v, last) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if torch.is_tensor(value) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(
+            memory_format=torch.channels_last if last else torch.contiguous_format
+        )
+    return value
 
 
 def gathered(engine):
@@ -78,10 +117,13 @@ def gathered(engine):
     return deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3)
 
 
-def build_frozen_engine(module: nn.Module, micro_batch: int, ctx: DistContext):
+def build_frozen_engine(
+    module: nn.Module, micro_batch: int, ctx: DistContext, cfg: EngineConfig | None = None
+):
     """A frozen module partitioned with ZeRO-3 across the ranks (no optimizer): each rank holds
     1/world of its weights and gathers a layer's weights for its forward. Forwards become
-    collective, so every rank must run the same ones. Kept in fp32."""
+    collective, so every rank must run the same ones. Kept in fp32; ``cfg`` (``compile``,
+    ``channels_last``) applies as to the trainable engines."""
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -89,6 +131,8 @@ def build_frozen_engine(module: nn.Module, micro_batch: int, ctx: DistContext):
         "bf16": {"enabled": False},
         "steps_per_print": 10**9,
     }
+    if cfg is not None and cfg.channels_last:
+        in_channels_last(module)
     engine, _, _, _ = deepspeed.initialize(model=module.to(ctx.device), config=config)
     engine.eval()
-    return engine
+    return compiled(engine, cfg)

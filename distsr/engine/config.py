@@ -71,6 +71,11 @@ class EngineConfig:
     max_nonfinite_in_row: int = 10  # stop after this many NaN/inf losses in a row
     min_free_gb: float = 1.0  # refuse to start when the output folder's disk has less free
     tensorboard: bool = True
+    # speed options, off by default: on CPU compile pays only in long runs and channels_last
+    # not at all (BENCHMARKS.md, torch.compile and channels_last); GPU: jobs/bench_compile.py
+    compile: bool = False  # torch.compile each engine's module in place
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation)
+    channels_last: bool = False  # each engine's module computes in channels_last format
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -42,7 +42,7 @@ class Trainer:
             for name, module in self.recipe.trainable().items()
         }
         self.frozen_engines = {  # ZeRO-3 partitioned frozen modules (e.g. a large teacher)
-            name: build_frozen_engine(module, cfg.data.batch_size, ctx)
+            name: build_frozen_engine(module, cfg.data.batch_size, ctx, cfg.engine)
             for name, module in self.recipe.partitioned().items()
         }
         self.recipe.bind(self.engines)

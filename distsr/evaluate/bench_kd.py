@@ -16,9 +16,9 @@ steps, batches, optimizer) is trained with
 
 Every arrow is the pipeline a user runs: ``data.shards.make_shards``, the teacher cache job
 (in-process), ``launch.run`` (the engine, in-process), then ``evaluate.cli.evaluate`` with
-bicubic, each teacher and each student as rows (PSNR / SSIM on Y; NIQE when its parameter file
-is in the metric weights folder). Everything lands in ``output`` and a re-run skips what is
-done. ``jobs/bench_kd.py`` is the command line.
+bicubic, each teacher and each student as rows (PSNR / SSIM on Y; NIQE, whose parameter file
+``evaluate.metrics`` makes from BasicSR's installed copy). Everything lands in ``output`` and a
+re-run skips what is done. ``jobs/bench_kd.py`` is the command line.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class BenchKDConfig:
         channels=16, blocks=1, layers=2, window=8, heads=2, mean_skip=True))  # fmt: skip
     eval_size: int = 256  # held-out photos are centre-cropped to this HR size
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "niqe"])
-    weights_dir: str | None = None  # metric weights (torch hub layout): NIQE's pyiqa/*.mat
+    weights_dir: str | None = None  # metric weights (torch hub layout); NIQE's is made there
     seed: int = 0
 
     def validate(self):

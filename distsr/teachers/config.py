@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distsr.teachers.fkdiff import FKdiffTeacherConfig
 from distsr.teachers.resshift import TeacherConfig
 from distsr.teachers.seesr_config import SeeSRTeacherConfig
 from distsr.teachers.sr import AggregatedTeacherConfig, RegressionTeachersConfig
@@ -23,9 +24,14 @@ class CacheJobConfig:
     """
 
     # told apart by ``kind`` (distsr.registry.TEACHERS): resshift, regression (SR model files),
-    # aggregated (MTKD's teachers + trained aggregator), seesr (SeeSR: SD-2-base + RAM)
+    # aggregated (MTKD's teachers + trained aggregator), seesr (SeeSR: SD-2-base + RAM),
+    # fkdiff (FKdiff's restorer + prior diffusion: caches the sampled compact prior Z_hat)
     teacher: (
-        TeacherConfig | RegressionTeachersConfig | AggregatedTeacherConfig | SeeSRTeacherConfig
+        TeacherConfig
+        | RegressionTeachersConfig
+        | AggregatedTeacherConfig
+        | SeeSRTeacherConfig
+        | FKdiffTeacherConfig
     ) = field(default_factory=TeacherConfig)
     decode: bool = False  # cache the teacher's outputs decoded to images (teachers.pixels)
     shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns of .tar files

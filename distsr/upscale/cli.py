@@ -4,6 +4,9 @@
     python -m distsr.upscale --checkpoint WEIGHTS.safetensors --config RUN/config.yaml IN OUT
     python -m distsr.upscale export --checkpoint RUN_DIR OUT.pth [--raw]     # ResShift student
     python -m distsr.upscale export --checkpoint RUN_DIR OUT_DIR [--raw]     # SeeSR student
+    python -m distsr.upscale export --format onnx --checkpoint RUN_DIR OUT.onnx [--dtype fp16]
+    python -m distsr.upscale --checkpoint OUT.onnx INPUT OUTPUT               # via onnxruntime
+    python -m distsr.upscale export --checkpoint RUN_DIR OUT.pth [--raw]     # FKdiff FASRer
 
 INPUT is an image or a folder of images; OUTPUT is an image path (single input) or a folder
 (``<stem>.png`` per input). Large images are upscaled in overlapping tiles of ``--tile`` lq
@@ -26,6 +29,11 @@ ResShift: ``export`` writes the student UNet as a plain state_dict (every key of
 ``OUT.yaml`` holds the official ``model`` and ``diffusion`` config sections that fit the weights.
 Note: the official sampler runs the chain of the ``diffusion`` section (``steps``); a one-step
 student is meant to be run with one step from the prior, as ``distsr.inference.predictors`` does.
+
+ONNX (``--format onnx``, ResShift, single-pass SR and FASRer students): the student end to end
+as one graph, checked against PyTorch with onnxruntime before it is written
+(``upscale.onnx_export``).
+``--checkpoint OUT.onnx`` upscales with it through onnxruntime, with the same tiling.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from distsr.data.config import IMAGE_EXTENSIONS
 from distsr.data.imageio import list_images, read_image, to_tensor, to_uint8, write_image
 from distsr.inference.predictors import family, load_predictor, load_student, resshift_unet
 from distsr.inference.tiling import RAMPS, upscale_tiled
+from distsr.upscale.onnx_export import export_onnx
 
 
 def output_paths(inputs: list[Path], input_arg: Path, output: Path) -> list[Path]:
@@ -187,11 +196,38 @@ def export_sr(weights, student, cfg_path, out: Path) -> Path:
     return out
 
 
-EXPORTERS = {"resshift": export_resshift, "seesr": export_seesr, "sr": export_sr}
+def export_fasrer(weights, student, cfg_path, out: Path) -> Path:
+    """A FASRer student (FKdiff has no official code release) as a torch checkpoint
+    ``{"params": FASRer, "prior": CFE_R + denoiser}`` (the prior diffusion that gives it Z_hat)
+    and ``OUT.yaml`` with the FASRer, CFE and prior configs that rebuild them."""
+    from dataclasses import asdict
+
+    from distsr.inference.fkdiff import fasrer_predictor
+
+    if out.suffix not in (".pth", ".pt"):
+        raise ValueError(f"a FASRer student exports a torch checkpoint: OUT must end in .pth, "
+                         f"got {out}")  # fmt: skip
+    pred = fasrer_predictor(weights, student, cfg_path)  # strict loading: a wrong file fails
+    state = {name: {k: v.detach().float().cpu().contiguous() for k, v in m.state_dict().items()}
+             for name, m in (("params", pred.net), ("prior", pred.prior))}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    teacher = student.teacher
+    configs = {"fasrer": asdict(student.student), "cfe": asdict(teacher.cfe),
+               "prior": asdict(teacher.prior)}  # fmt: skip
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(configs, sort_keys=False))
+    return out
+
+
+EXPORTERS = {"resshift": export_resshift, "seesr": export_seesr, "sr": export_sr,
+             "fasrer": export_fasrer}  # fmt: skip
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder or weights file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder, weights file, or .onnx (upscaling)")  # fmt: skip
     parser.add_argument("--config", help="run config.yaml (default: the run folder's)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--ema", dest="which", action="store_const", const="ema", default="ema",
@@ -221,11 +257,24 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m distsr.upscale export",
         description="Export the student in its official format (ResShift: a .pth checkpoint; "
-        "SeeSR: diffusers unet/ and controlnet/ folders)",
+        "SeeSR: diffusers unet/ and controlnet/ folders), or with --format onnx as one ONNX "
+        "graph checked against PyTorch with onnxruntime",
     )
     _common(parser)
-    parser.add_argument("out", help="output .pth (ResShift) or folder (SeeSR)")
+    parser.add_argument("out", help="output .pth (ResShift) or folder (SeeSR), or .onnx")
+    parser.add_argument("--format", choices=("official", "onnx"), default="official",
+                        help="official (default) or a checked ONNX graph")  # fmt: skip
+    parser.add_argument("--dtype", default="fp32", help="ONNX: fp32 (default) or fp16")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default 17; FASRer 20)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="ONNX: seed of the check's noise (recorded in the file)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.format == "onnx":
+        meta = export_onnx(args.checkpoint, args.out, args.which, args.config, args.dtype,
+                           args.opset, args.seed)  # fmt: skip
+        print(f"wrote {args.out} ({meta['distsr.dtype']}, opset {meta['distsr.opset']}, "
+              f"max abs difference to PyTorch {meta['distsr.max_abs_diff']})")  # fmt: skip
+        return 0
     out = export_official(args.checkpoint, args.out, args.which, args.config)
     if out.is_dir():
         print(f"wrote {out}/unet, {out}/controlnet and {out}/export.yaml")
