@@ -1,17 +1,18 @@
 """Benchmark: TAD-SR student training steps per second with the teacher cache vs the live teacher.
 
-    python jobs/bench_cache.py [steps=30] [crop_size=32] [repeats=3] [out=runs/bench_cache] \
-        [key=value ...]
+    python jobs/bench_cache.py [size=tiny|full] [steps=30] [crop_size=32] [repeats=3] \
+        [out=runs/bench_cache] [key=value ...]
 
-One run, same config, same machine: makes shards from the bundled photos, a tiny random-weight
-ResShift teacher, caches its 4-step trajectories (Ray actors), then trains the TAD-SR student
-in-process for ``steps`` steps twice — from the cache and with the live teacher, each in a new
-run folder (``out/runs/{cached,live}`` are replaced; shards and cache are reused) — and reports
-the ratio of steps per second next to the FLOP bound (torch's flop counter on one training step,
-forward + backward, with each source). The two arms alternate ``repeats`` times; the report
-gives the median and the range (min, max) of each arm's steps/s and of the per-repeat ratio,
-since one run on a shared machine says little. Extra ``key=value`` pairs override the TAD-SR
-config.
+One run, same config, same machine: makes shards from the bundled photos, a random-weight ResShift
+teacher — ``size=tiny``: the 4-step tiny teacher of ``tadsr_tiny``; ``size=full``: the released
+real-SR x4 size of ``tadsr_resshift`` (118.6 M-parameter UNet, VQ-f4, 15 steps, one random 256^2
+crop per photo, batch 1) — caches its trajectories (Ray actors), then trains the TAD-SR student
+in-process for ``steps`` steps twice — from the cache and with the live teacher, each in a new run
+folder (``out/runs/{cached,live}`` are replaced; shards and cache are reused) — and reports the
+ratio of steps per second next to the FLOP bound (torch's flop counter on one training step,
+forward + backward, with each source). The two arms alternate ``repeats`` times; the report gives
+the median and the range (min, max) of each arm's steps/s and of the per-repeat ratio, since one
+run on a shared machine says little. Extra ``key=value`` pairs override the TAD-SR config.
 """
 
 from __future__ import annotations
@@ -34,32 +35,67 @@ import make_shards  # noqa: E402
 
 from distsr.config import CONFIG_DIR, apply_overrides, load_yaml  # noqa: E402
 from distsr.launch import run  # noqa: E402
-from distsr.models.resshift_unet import UNetModelSwin  # noqa: E402
+from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin  # noqa: E402
+from distsr.models.vq import build_vq_f4  # noqa: E402
 from distsr.runconfig import load_run_config  # noqa: E402
+
+# per size: the TAD-SR config, its teacher's cache config, shard options, run overrides
+SIZES = {
+    "tiny": ("tadsr_tiny", "cache_resshift_tiny", {"crop_size": 32}, []),
+    "full": ("tadsr_resshift", "cache_resshift_realsr_x4",
+             {"crop_size": 256, "crop_mode": "random", "random_crops": 1},
+             ["data.batch_size=1", "data.num_workers=0", "data.shuffle=8",
+              "engine.precision=fp32"]),
+}  # fmt: skip
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"steps": 30, "crop_size": 32, "repeats": 3, "out": "runs/bench_cache"}
+    opts = {"size": "tiny", "steps": 30, "crop_size": None, "repeats": 3,
+            "out": "runs/bench_cache"}  # fmt: skip
     own = [a for a in argv if a.split("=")[0] in opts]
     opts = apply_overrides(opts, own)
+    if opts["size"] not in SIZES:
+        raise SystemExit(f"size must be one of {sorted(SIZES)}, got {opts['size']!r}")
+    shard_opts = dict(SIZES[opts["size"]][2])
+    if opts["crop_size"] is not None:
+        shard_opts["crop_size"] = opts["crop_size"]
+    opts["shards"] = shard_opts
     return opts, [a for a in argv if a not in own]
 
 
-def prepare(out: Path, crop: int) -> tuple[Path, Path, Path]:
+def random_teacher(out: Path, size: str) -> list[str]:
+    """Random-weight teacher files of ``size``; overrides pointing a teacher section at them."""
+    torch.manual_seed(0)
+    unet_file = out / "teacher_unet.safetensors"
+    if size == "tiny":
+        kwargs = load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
+    else:
+        kwargs = RESSHIFT_REALSR_X4_KWARGS  # the released real-SR x4 UNet
+    if not unet_file.exists():
+        unet = UNetModelSwin(**kwargs)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(unet_file))
+    overrides = [f"unet_checkpoint={unet_file}"]
+    if size == "full":  # VQ-f4 with random weights (its loader also takes diffusers names)
+        vq_file = out / "autoencoder_vq_f4.pth"
+        if not vq_file.exists():
+            torch.save(build_vq_f4().state_dict(), vq_file)
+        overrides.append(f"autoencoder.checkpoint={vq_file}")
+    return overrides
+
+
+def prepare(out: Path, opts: dict) -> tuple[Path, list[str], Path]:
     shards = out / "shards"
     if not (shards / "manifest.json").exists():
-        make_shards.main(["inputs=[bundled]", f"output={shards}", f"crop_size={crop}",
-                          f"stride={crop * 4}"])  # fmt: skip
-    weights = out / "teacher_unet.safetensors"
-    if not weights.exists():
-        torch.manual_seed(0)
-        tiny = load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
-        unet = UNetModelSwin(**tiny)
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(weights))
-    summary = cache_teacher.main([str(CONFIG_DIR / "cache_resshift_tiny.yaml"),
-                                  f"teacher.unet_checkpoint={weights}", f"shards=[{shards}]",
-                                  f"output={out / 'cache'}", "num_actors=2"])  # fmt: skip
-    return shards, weights, Path(summary["cache_dir"])
+        crop = opts["shards"]["crop_size"]
+        make_shards.main(["inputs=[bundled]", f"output={shards}", f"stride={crop * 4}",
+                          *(f"{k}={v}" for k, v in opts["shards"].items())])  # fmt: skip
+    teacher = random_teacher(out, opts["size"])
+    cache_cfg = SIZES[opts["size"]][1]
+    summary = cache_teacher.main([str(CONFIG_DIR / f"{cache_cfg}.yaml"),
+                                  *(f"teacher.{o}" for o in teacher), f"shards=[{shards}]",
+                                  f"output={out / 'cache'}", "num_actors=2", "use_gpu=false",
+                                  "cpus_per_actor=1", "batch_size=2"])  # fmt: skip
+    return shards, teacher, Path(summary["cache_dir"])
 
 
 def step_flops(cfg) -> float:
@@ -93,13 +129,15 @@ def spread(values: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     opts, overrides = parse(sys.argv[1:] if argv is None else argv)
     out = Path(opts["out"]).resolve()
-    shards, weights, cache_dir = prepare(out, opts["crop_size"])
+    shards, teacher, cache_dir = prepare(out, opts)
+    config, _, _, size_overrides = SIZES[opts["size"]]
     base = [f"output_dir={out / 'runs'}", f"data.shards=[{shards}]", "scaling.ray=false",
             "scaling.num_workers=1", "engine.zero_stage=0", f"engine.max_steps={opts['steps']}",
             f"engine.log_every={opts['steps']}", "engine.checkpoint.every_steps=100000",
-            f"method.teacher.unet_checkpoint={weights}", *overrides]  # fmt: skip
-    cached = load_run_config("tadsr_tiny", [*base, "name=cached", f"method.cache_dir={cache_dir}"])
-    live = load_run_config("tadsr_tiny", [*base, "name=live", "method.cache_dir=null"])
+            "engine.preview_every=0", *size_overrides,
+            *(f"method.teacher.{o}" for o in teacher), *overrides]  # fmt: skip
+    cached = load_run_config(config, [*base, "name=cached", f"method.cache_dir={cache_dir}"])
+    live = load_run_config(config, [*base, "name=live", "method.cache_dir=null"])
     runs = {"cached": [], "live": []}
     for _ in range(opts["repeats"]):  # alternate the arms so drifts of the machine hit both
         runs["cached"].append(timed_run(cached))
@@ -113,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         "flops_per_step_cached": step_flops(cached),
         "flops_per_step_live": step_flops(live),
         "batch_size": cached.data.batch_size,
-        "crop_size": opts["crop_size"],
+        "size": opts["size"],
+        "crop_size": opts["shards"]["crop_size"],
         "teacher_steps": cached.method.teacher.schedule.steps,
     }
     result["flop_bound"] = result["flops_per_step_live"] / result["flops_per_step_cached"]

@@ -220,3 +220,16 @@ def test_folders_in_rays_persisted_registry_are_left_to_ray(tmp_path):
                 "latest_checkpoint_result": {"checkpoint_dir_name": "step_00000004"}}  # fmt: skip
     (run / RAY_SNAPSHOT).write_text(json.dumps(snapshot))
     assert unknown_to_ray(run) == {"step_00000006"}
+
+
+def test_a_folder_the_relaunch_wrote_again_is_left_to_ray(tmp_path):
+    from distsr.engine.ray_adapter import COMPLETE, RayStore
+
+    run = tmp_path / "run"
+    # the killed launch left 2, 4, 6; this one resumed from 4 and wrote 6 (same name) and 8
+    _checkpoints(run, marked=[2, 4, 6, 8], unmarked=[])
+    for step in (6, 8):
+        (run / f"step_{step:08d}" / COMPLETE).write_text("all ranks uploaded; launch abc\n")
+    earlier = frozenset(f"step_{s:08d}" for s in (2, 4, 6))
+    RayStore(0, run, keep=2, earlier=earlier, launch="abc").prune_earlier()
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000006", "step_00000008"]

@@ -13,6 +13,7 @@ import contextlib
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,10 +55,15 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's registry, ke
 def unknown_to_ray(run_dir: Path) -> frozenset[str]:
     """Step folders of ``run_dir`` that Ray's persisted checkpoint registry does not list: left by
     a launch killed before Ray registered them. Ray never deletes these; ``RayStore`` does."""
+    known = known_to_ray(run_dir)
+    return frozenset(p.name for p in run_dir.glob("step_*") if p.name not in known)
+
+
+def known_to_ray(run_dir: Path) -> set[str]:
+    """Folder names Ray's persisted registry lists (registered, latest or pending)."""
     snapshot = run_dir / RAY_SNAPSHOT
     text = snapshot.read_text() if snapshot.is_file() else ""
-    known = set(re.findall(r'"checkpoint_dir_name":\s*"([^"]+)"', text))
-    return frozenset(p.name for p in run_dir.glob("step_*") if p.name not in known)
+    return set(re.findall(r'"checkpoint_dir_name":\s*"([^"]+)"', text))
 
 
 class RayStore:
@@ -66,8 +72,10 @@ class RayStore:
     all returned is also marked ``COMPLETE`` in the run folder, and resume takes the newer of
     Ray's latest checkpoint and the newest complete folder (``resume_folder``)."""
 
-    def __init__(self, rank: int, run_dir: Path, keep: int, earlier: frozenset[str] = frozenset()):
+    def __init__(self, rank: int, run_dir: Path, keep: int, earlier: frozenset[str] = frozenset(),
+                 launch: str = ""):  # fmt: skip
         self.rank = rank
+        self.launch = launch  # this launch's id, written into the markers it writes
         self.run_dir = Path(run_dir)
         self.keep = keep
         self.earlier = earlier  # step folders of earlier launches Ray's registry never saw
@@ -97,7 +105,7 @@ class RayStore:
             dist.barrier()  # every rank's upload (synchronous) has returned
         folder = self.run_dir / step_name(step)
         if self.rank == 0 and folder.is_dir():
-            (folder / COMPLETE).write_text("all ranks uploaded\n")
+            (folder / COMPLETE).write_text(f"all ranks uploaded; launch {self.launch}\n")
             self.prune_earlier()
 
     def prune_earlier(self) -> None:
@@ -107,15 +115,24 @@ class RayStore:
         marked = sorted(p.parent.name for p in self.run_dir.glob(f"step_*/{COMPLETE}"))
         if len(marked) < self.keep:
             return
-        for name in sorted(self.earlier):
+        # a folder this launch wrote again (it resumed before that step) is Ray's to prune now
+        ours = {n for n in marked if self.launch and self.launch in self.marker(n)}
+        for name in sorted(self.earlier - ours - known_to_ray(self.run_dir)):
             if name < marked[-self.keep]:
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
+
+    def marker(self, name: str) -> str:
+        try:
+            return (self.run_dir / name / COMPLETE).read_text()
+        except OSError:
+            return ""
 
 
 def _ray_worker(config: dict) -> None:
     cfg: RunConfig = config["run_config"]  # parsed on the driver, pickled by Ray
     ctx = from_environment()
-    store = RayStore(ctx.rank, cfg.run_dir, cfg.engine.checkpoint.keep, config["earlier"])
+    store = RayStore(ctx.rank, cfg.run_dir, cfg.engine.checkpoint.keep, config["earlier"],
+                     config["launch"])  # fmt: skip
     train_worker(cfg, ctx, store)
 
 
@@ -128,7 +145,7 @@ def fit(cfg: RunConfig):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"run_config": cfg, "earlier": earlier},
+        train_loop_config={"run_config": cfg, "earlier": earlier, "launch": uuid.uuid4().hex},
         scaling_config=RayScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
