@@ -25,9 +25,13 @@ def test_demo_pipeline_writes_the_report(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     assert f"report: {out / 'report.md'}" in log
-    assert "Traceback" not in log  # a successful run prints none (launch.ray_session)
+    # a successful run prints no traceback (launch.ray_session), except the one Ray Train's
+    # controller logs with its warning when a resource request times out on an overloaded CPU
+    # (Ray: "safe to ignore"); each such warning carries one
+    transient = log.count("Failed to send resource request")
+    assert log.count("Traceback (most recent call last)") <= transient, log[-5000:]
     report = (out / "report.md").read_text()
-    for column in ("bicubic", "teacher", "student", "psnr"):
+    for column in ("bicubic", "teacher", "student", "psnr", "niqe", "brisque"):
         assert column in report.lower()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(list((out / "grids").glob("*.png"))) >= 3

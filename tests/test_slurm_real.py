@@ -174,7 +174,11 @@ def test_requeued_job_resumes_from_its_newest_complete_checkpoint(
     resumed = re.findall(r"resumed from (\S+) at step (\d+)", out)
     assert len(resumed) == 1, out[-4000:]
     folder, step = Path(resumed[0][0]), int(resumed[0][1])
-    assert step >= newest and (folder / "COMPLETE").is_file() and folder.parent == run_dir
+    # the newest checkpoint marked complete when the job was requeued, or a newer one the dying
+    # job completed; the relaunch prunes it once `keep` newer ones are complete, so its marker
+    # is not looked for now (tests/test_engine_units.py pins that only marked folders are taken)
+    assert step >= newest and step % 2 == 0 and folder.parent == run_dir
+    assert complete_checkpoints(run_dir) == [10, 12]  # keep: 2, nothing older left over
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 12
     assert status["starts"] == 2 and status["restarts"] == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distsr.inference.predictors import seeded_noise
+from distsr.seeding import seeded_noise
 
 META = "distsr."
 

@@ -32,6 +32,7 @@ from distsr.models.checkpoint import load_official_state_dict
 from distsr.models.resshift import ResShift, ResShiftSpec
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.models.swin import SwinTransformerBlock
+from distsr.seeding import seeded_noise
 
 
 class Bicubic:
@@ -68,12 +69,6 @@ def pad_bottom_right(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
         return x
     mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
-def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal ``shape`` from a fresh CPU generator seeded with ``seed`` (the prior eps
-    of every one-step ResShift predictor, PyTorch or ONNX)."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 class ResShiftOneStep:
