@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling jobs
 import cache_teacher  # noqa: E402
 import make_shards  # noqa: E402
 
+from distsr import benchstats  # noqa: E402
 from distsr.config import CONFIG_DIR, apply_overrides, load_yaml  # noqa: E402
 from distsr.launch import run  # noqa: E402
 from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin  # noqa: E402
@@ -121,9 +121,8 @@ def timed_run(cfg) -> float:
 
 
 def spread(values: list[float]) -> dict:
-    """Median and range of repeated measurements."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "all": [round(v, 4) for v in values]}  # fmt: skip
+    """Median and range of repeated measurements, and each of them."""
+    return benchstats.spread(values) | {"all": [round(v, 4) for v in values]}
 
 
 def main(argv: list[str] | None = None) -> dict:

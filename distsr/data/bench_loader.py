@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distsr.benchstats import spread
 from distsr.data.cache import SEED, TeacherCache, shard_name
 from distsr.data.config import DataConfig, DegradationConfig, ShardsConfig
 from distsr.data.reader import list_shards, make_train_loader
@@ -153,15 +153,11 @@ def run_settings(cfg: BenchLoaderConfig) -> dict:
     return report(cfg, shards, cache, startup, rates)
 
 
-def summarise(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-
-
 def report(cfg, shards: Path, cache, startup: dict, rates: dict) -> dict:
     manifest = json.loads((shards / "manifest.json").read_text())
     rows = [
-        {"mode": mode, "workers": w, "samples_per_s": summarise(rates[(mode, w)]),
-         "first_batch_s": summarise(startup[(mode, w)]), "rates": rates[(mode, w)]}
+        {"mode": mode, "workers": w, "samples_per_s": spread(rates[(mode, w)]),
+         "first_batch_s": spread(startup[(mode, w)]), "rates": rates[(mode, w)]}
         for mode, w in rates
     ]  # fmt: skip
     shapes = {}

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from distsr.benchstats import spread_text
+
 ARMS = {  # arm -> engine options
     "plain": {},
     "compile": {"compile": True},
@@ -173,9 +175,6 @@ def bench_compile(cfg: BenchCompileConfig) -> dict:
 
 
 def summarize(cfg: BenchCompileConfig, plain: Arm, rows: dict) -> dict:
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
-
     base = rows["plain"]
     lines = ["| arm | train steps/s | inference steps/s | train vs plain | inference vs plain |"
              " warm-up s |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -184,7 +183,7 @@ def summarize(cfg: BenchCompileConfig, plain: Arm, rows: dict) -> dict:
                   if k != "warmup_s"}  # fmt: skip
         row["train_vs_plain"], row["infer_vs_plain"] = ratios["train"], ratios["infer"]
         train, infer = (statistics.median(ratios[k]) for k in ("train", "infer"))
-        lines.append(f"| {name} | {spread(row['train'])} | {spread(row['infer'])} | "
+        lines.append(f"| {name} | {spread_text(row['train'])} | {spread_text(row['infer'])} | "
                      f"{train:.2f}x | {infer:.2f}x | {row['warmup_s']:.1f} |")  # fmt: skip
     run = plain.trainer.cfg
     params = sum(p.numel() for p in plain.student.parameters())

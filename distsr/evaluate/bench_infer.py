@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from distsr.benchstats import spread
 from distsr.config import CONFIG_DIR, from_dict, load_yaml
 from distsr.data.degradation import bicubic_downscale
 from distsr.evaluate.memory import peak_meter
@@ -124,10 +124,6 @@ def time_call(fn, lq: torch.Tensor, meter) -> tuple[float, float | None]:
     return time.perf_counter() - start, meter.stop(mark)
 
 
-def summarise(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-
-
 @torch.no_grad()
 def bench_infer(cfg: BenchInferConfig) -> dict:
     saved = torch.get_num_threads()
@@ -174,7 +170,7 @@ def report(cfg, model: ResShift, sampler, seconds: dict, peaks: dict, flops: dic
         "sr": [4 * cfg.lq_size, 4 * cfg.lq_size],
         "peak_memory_kind": peak_kind,
         "arms": {
-            a: {"seconds": s, **summarise(s), "peak_mib": peaks[a], "flops": flops[a]}
+            a: {"seconds": s, **spread(s), "peak_mib": peaks[a], "flops": flops[a]}
             for a, s in seconds.items()
         },
         "paper": PAPER,
@@ -184,7 +180,7 @@ def report(cfg, model: ResShift, sampler, seconds: dict, peaks: dict, flops: dic
         if student and teacher:
             ratios = [t / s for t, s in zip(teacher, student)]  # per interleaved round
             flop_bound = flops[f"teacher{suffix}"] / flops[f"student{suffix}"]
-            result[f"ratio{suffix}"] = summarise(ratios) | {"flop_bound": flop_bound}
+            result[f"ratio{suffix}"] = spread(ratios) | {"flop_bound": flop_bound}
     result["table"] = table(result)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
