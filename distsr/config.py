@@ -264,16 +264,20 @@ def apply_overrides(data: dict, items: list[str]) -> dict:
     return data
 
 
-def resolve_config_path(spec: str, config_dir: Path = CONFIG_DIR) -> Path:
-    """A YAML path, or a name in ``configs/`` (``tadsr_seesr`` -> configs/tadsr_seesr.yaml)."""
+def resolve_config_path(spec: str, config_dir: Path = CONFIG_DIR, skip: Path | None = None) -> Path:
+    """A YAML path, or a name in ``config_dir`` or ``configs/`` (``tadsr_seesr`` ->
+    configs/tadsr_seesr.yaml, ``twins/tadsr_seesr`` -> configs/twins/tadsr_seesr.yaml); never
+    ``skip`` (a file whose ``defaults`` name its own name: a twin in configs/twins/ and the
+    released config it shrinks)."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         return path
-    candidate = config_dir / f"{spec}.yaml"
-    if candidate.is_file():
-        return candidate
+    for folder in dict.fromkeys((config_dir, CONFIG_DIR)):
+        candidate = folder / f"{spec}.yaml"
+        if candidate.is_file() and candidate.resolve() != skip:
+            return candidate
     names = sorted(p.stem for p in config_dir.glob("*.yaml"))
     raise ValueError(f"unknown config or recipe {spec!r}; valid names: {', '.join(names)}")
 
@@ -288,7 +292,8 @@ def load_yaml(path: Path) -> dict:
         )
     merged: dict = {}
     for parent in data.pop("defaults", []) or []:
-        merged = deep_merge(merged, load_yaml(resolve_config_path(parent, path.parent)))
+        parent_path = resolve_config_path(parent, path.parent, skip=path.resolve())
+        merged = deep_merge(merged, load_yaml(parent_path))
     return deep_merge(merged, data)
 
 

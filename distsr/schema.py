@@ -276,16 +276,17 @@ def _named_schema(path: Path) -> str | None:
     return None
 
 
-def schema_line(name: str) -> str:
-    return f"{LINE_PREFIX}{SCHEMA_DIR.name}/{name}.json"
+def schema_line(name: str, up: str = "") -> str:
+    return f"{LINE_PREFIX}{up}{SCHEMA_DIR.name}/{name}.json"
 
 
-def stamped(text: str, name: str) -> str:
-    """``text`` with its first line the schema comment (replacing an older one)."""
+def stamped(text: str, name: str, up: str = "") -> str:
+    """``text`` with its first line the schema comment (replacing an older one); ``up`` leads
+    from a file's folder to ``configs/`` (``../`` for the twins)."""
     lines = text.split("\n")
     if lines and lines[0].startswith(LINE_PREFIX):
         lines = lines[1:]
-    return "\n".join([schema_line(name), *lines])
+    return "\n".join([schema_line(name, up), *lines])
 
 
 # ---------------------------------------------------------------- the command
@@ -301,9 +302,9 @@ def stale(config_dir: Path = CONFIG_DIR, schema_dir: Path = SCHEMA_DIR) -> dict[
     for path in sorted(schema_dir.glob("*.json")):
         if path not in wanted:
             out[path] = ""
-    for path in sorted(config_dir.glob("*.yaml")):
+    for path in sorted([*config_dir.glob("*.yaml"), *config_dir.glob("twins/*.yaml")]):
         text = path.read_text()
-        new = stamped(text, schema_name(path))
+        new = stamped(text, schema_name(path), "../" if path.parent != config_dir else "")
         if new != text:
             out[path] = new
     return out

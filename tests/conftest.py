@@ -43,6 +43,18 @@ def tiny_shards(photos_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def twin_shards(photos_dir, tmp_path_factory) -> Path:
+    """25 gt crops of 32x32 (lq 8x8, bicubic) in 3 shards: the tiny twins' data (configs/twins/),
+    small so that their teachers' cache jobs take seconds."""
+    out = tmp_path_factory.mktemp("twin_shards") / "tiny"
+    load_job("make_shards").main(
+        [f"inputs=[{photos_dir}]", f"output={out}", "crop_size=32", "crop_mode=random",
+         "random_crops=5", "shard_size=12"]  # fmt: skip
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 

@@ -11,6 +11,7 @@ from torch import nn
 from distsr.engine.config import EngineConfig, OptimizerConfig, SchedulerConfig
 from distsr.engine.context import DistContext
 from distsr.engine.deepspeed_config import deepspeed_config
+from distsr.engine.precision import compute_dtype, computes_in, map_tensors, module_dtype
 from distsr.engine.schedule import build_scheduler
 
 
@@ -18,10 +19,13 @@ def engine_config(cfg: EngineConfig, overrides: dict | None = None) -> EngineCon
     """The engine config one trainable module gets (``Recipe.optimizer_overrides``): top-level
     keys replace ``optimizer`` fields (e.g. ``{"lr": 1e-4}``); ``scheduler`` holds fields of its
     own LR schedule, e.g. ``{"scheduler": {"kind": "constant", "warmup_steps": 0}}``: the base
-    lr from the first step while the other engines warm up (TAD-SR's official discriminator)."""
+    lr from the first step while the other engines warm up (TAD-SR's official discriminator);
+    ``grad_clip`` replaces ``engine.grad_clip`` for this engine (None or 0: no clipping, e.g.
+    TAD-SR's discriminator, which the official code never clips)."""
     if not overrides:
         return cfg
     opt = dict(overrides)
+    clip = {"grad_clip": opt.pop("grad_clip")} if "grad_clip" in opt else {}
     sched = dict(opt.pop("scheduler", None) or {})
     problems = _unknown_keys(opt, OptimizerConfig, "") + _unknown_keys(
         sched, SchedulerConfig, "scheduler."
@@ -31,9 +35,11 @@ def engine_config(cfg: EngineConfig, overrides: dict | None = None) -> EngineCon
             cfg,
             optimizer=dataclasses.replace(cfg.optimizer, **opt),
             scheduler=dataclasses.replace(cfg.scheduler, **sched),
+            **clip,
         )
         problems = [f"{k}: {m}" for k, m in cfg.optimizer.validate()]
         problems += [f"scheduler.{k}: {m}" for k, m in cfg.scheduler.validate()]
+        problems += [f"{k}: {m}" for k, m in cfg.validate() if k == "grad_clip"]
     if problems:
         raise ValueError("bad per-engine optimizer overrides: " + "; ".join(problems))
     return cfg
@@ -60,7 +66,8 @@ def build_engine(
     ``overrides`` changes the optimizer and LR schedule of this engine only (``engine_config``)."""
     cfg = engine_config(cfg, overrides)
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
-    module = module.to(ctx.device)
+    # the precision rule (engine/precision.py): the module computes in engine.precision's dtype
+    module = computes_in(module.to(ctx.device), compute_dtype(cfg.precision))
     if cfg.channels_last:
         in_channels_last(module)
     optimizer = build_optimizer(module, cfg)
@@ -99,21 +106,18 @@ def in_channels_last(module: nn.Module) -> nn.Module:
 def _layout(value, last: bool):
     """``value`` (tensors, possibly in tuples, lists or dicts) with its 4-D float tensors in
     channels_last (``last``) or contiguous memory format."""
-    if isinstance(value, dict):
-        return {k: _layout(v, last) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [_layout(v, last) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if torch.is_tensor(value) and value.dim() == 4 and value.is_floating_point():
-        return value.contiguous(
-            memory_format=torch.channels_last if last else torch.contiguous_format
-        )
-    return value
+    fmt = torch.channels_last if last else torch.contiguous_format
+
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=fmt) if x.dim() == 4 and x.is_floating_point() else x
+
+    return map_tensors(value, convert)
 
 
-def gathered(engine):
-    """Context in which every parameter of ``engine`` is whole (a no-op below ZeRO-3)."""
-    params = list(engine.module.parameters())
+def gathered(engine, params=None):
+    """Context in which every parameter of ``engine`` (or only ``params``, some of them) is whole
+    (a no-op below ZeRO-3)."""
+    params = list(engine.module.parameters() if params is None else params)
     return deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3)
 
 
@@ -122,17 +126,21 @@ def build_frozen_engine(
 ):
     """A frozen module partitioned with ZeRO-3 across the ranks (no optimizer): each rank holds
     1/world of its weights and gathers a layer's weights for its forward. Forwards become
-    collective, so every rank must run the same ones. Kept in fp32; ``cfg`` (``compile``,
+    collective, so every rank must run the same ones. It computes in the dtype it was built in
+    (a teacher's ``dtype``), under the engines' precision rule; ``cfg`` (``compile``,
     ``channels_last``) applies as to the trainable engines."""
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    dtype = module_dtype(module)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 10**9,
     }
+    module = computes_in(module.to(ctx.device), dtype)
     if cfg is not None and cfg.channels_last:
         in_channels_last(module)
-    engine, _, _, _ = deepspeed.initialize(model=module.to(ctx.device), config=config)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     return compiled(engine, cfg)

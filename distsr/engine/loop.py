@@ -34,8 +34,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ctx: DistContext, store):
         self.cfg, self.ctx, self.store = cfg, ctx, store
         seed_everything(cfg.seed + 1000 * ctx.rank)
-        dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-        self.recipe = get_recipe(cfg.recipe)(cfg.method, device=ctx.device, dtype=dtype)
+        self.recipe = get_recipe(cfg.recipe)(cfg.method, device=ctx.device)
         overrides = self.recipe.optimizer_overrides()
         self.engines = {
             name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx, overrides.get(name))

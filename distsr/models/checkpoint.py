@@ -10,6 +10,7 @@ names the file and the missing / unexpected / mis-shaped keys.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
@@ -21,10 +22,15 @@ WRAPPER_KEYS = ("state_dict", "params", "model", "module")
 _LIST_LIMIT = 10
 
 
-def read_checkpoint(path: str | PathLike, *, trust_pickle: bool = False) -> Mapping:
-    """Read a checkpoint file onto the CPU; pickles are read with ``weights_only=True``.
+def read_checkpoint(
+    path: str | PathLike, *, trust_pickle: bool = False, opt_in: str = "trust_pickle=True"
+) -> Mapping:
+    """Read a checkpoint file onto the CPU; pickles are read with ``weights_only=True`` unless
+    ``trust_pickle`` (set it only for files you trust that hold more than tensors and plain
+    containers: unpickling them can run code).
 
-    Set ``trust_pickle=True`` only for files you trust that hold more than plain tensors.
+    When torch refuses a file, the ValueError names the file, what torch refused and ``opt_in``:
+    how to allow it (a caller with a config key names the key, e.g. ``ram.trust_pickle``).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -34,10 +40,23 @@ def read_checkpoint(path: str | PathLike, *, trust_pickle: bool = False) -> Mapp
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
+        if trust_pickle:  # not a refusal: the pickle itself is broken
+            raise
         raise ValueError(
-            f"{path} holds objects other than tensors, so it cannot be read with "
-            "weights_only=True; pass trust_pickle=True if you trust this file"
+            f"{path}: torch.load(weights_only=True) refused it ({_refusal(err)}): it holds "
+            f"pickled objects other than tensors. If you trust this file, set {opt_in}"
         ) from err
+
+
+def _refusal(err: Exception) -> str:
+    """torch's reason, e.g. "Unsupported global: GLOBAL argparse.Namespace was not an allowed
+    global by default" (its message also explains the options; the first line stands in for a
+    message of another shape)."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", text)
+    if found:
+        return found.group(1).strip()
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def unwrap_state_dict(ckpt: Mapping, wrapper_key: str | None = None) -> dict[str, torch.Tensor]:

@@ -89,17 +89,27 @@ TINY_RAM = RAMConfig(
 )
 
 
+# how a config allows RAM / DAPE files that need full unpickling (``RAMWeights.trust_pickle``)
+TRUST_PICKLE_KEY = (
+    "ram.trust_pickle: true in the SeeSR teacher config (e.g. method.teacher.ram.trust_pickle=true)"
+)
+
+
 @dataclass
 class RAMWeights:
     """Where the official files are: the RAM checkpoint (``ram_swin_large_14m.pth``), SeeSR's
     DAPE LoRA (``DAPE.pth``, optional: without it RAM runs plain) and the tag data
     (``ram_tag_list.txt``: one name per line; ``ram_tag_list_threshold.txt``: one float per
-    line; both from the recognize-anything ``ram/data`` folder)."""
+    line; both from the recognize-anything ``ram/data`` folder). The two checkpoints are read with
+    torch's weights_only load; ``trust_pickle: true`` lets through files it refuses."""
 
     checkpoint: str | None = None
     dape: str | None = None
     tag_list: str | None = None
     tag_thresholds: str | None = None
+    # true: read checkpoint and dape with full unpickling (code in the file can run), for files
+    # you trust that torch's weights_only load refuses (pickled objects besides the weights)
+    trust_pickle: bool = False
 
     def validate(self) -> list[tuple[str, str]]:
         return [
@@ -280,12 +290,15 @@ class RAM(nn.Module):
         *,
         vocabulary: TagVocabulary | None = None,
         trust_pickle: bool = False,
+        opt_in: str = "trust_pickle=True",
     ) -> RAM:
-        """Load the RAM checkpoint (and merge SeeSR's DAPE LoRA) strictly; eval mode, no grads."""
+        """Load the RAM checkpoint (and merge SeeSR's DAPE LoRA) strictly; eval mode, no grads.
+        A file torch's weights_only load refuses is an error naming ``opt_in`` unless
+        ``trust_pickle`` (``models.checkpoint.read_checkpoint``)."""
         from distsr.models.ram_convert import load_official_ram
 
         model = cls(config, vocabulary)
-        load_official_ram(model, ram_path, dape_path, trust_pickle=trust_pickle)
+        load_official_ram(model, ram_path, dape_path, trust_pickle=trust_pickle, opt_in=opt_in)
         return model.eval().requires_grad_(False)
 
     @classmethod
@@ -297,7 +310,13 @@ class RAM(nn.Module):
         if weights.tag_list or weights.tag_thresholds:
             vocabulary = TagVocabulary.from_files(weights.tag_list, weights.tag_thresholds)
         return cls.from_official(
-            weights.checkpoint, weights.dape, config, vocabulary=vocabulary, **kw
+            weights.checkpoint,
+            weights.dape,
+            config,
+            vocabulary=vocabulary,
+            trust_pickle=weights.trust_pickle,
+            opt_in=TRUST_PICKLE_KEY,
+            **kw,
         )
 
     def preprocess(self, lq: torch.Tensor) -> torch.Tensor:

@@ -77,11 +77,12 @@ def lora_targets(cfg: RAMConfig) -> dict[str, tuple[tuple[int, int], tuple[int, 
 
 
 # ---- reading -----------------------------------------------------------------------------------
-def _read(path: str | PathLike, what: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+def _read(path: str | PathLike, what: str, trust_pickle: bool, opt_in: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    sd = strip_prefixes(unwrap_state_dict(read_checkpoint(path, trust_pickle=trust_pickle)))
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle, opt_in=opt_in)
+    sd = strip_prefixes(unwrap_state_dict(ckpt))
     # the official loader renames an older head name
     return {k.replace("vision_multi.", "tagging_head.", 1): v for k, v in sd.items()}
 
@@ -170,16 +171,19 @@ def load_official_ram(
     dape_path: str | PathLike | None = None,
     *,
     trust_pickle: bool = False,
+    opt_in: str = "trust_pickle=True",
 ) -> RAM:
-    """Load RAM (+ DAPE) into ``model`` in place: strict keys and shapes, LoRA merged.
+    """Load RAM (+ DAPE) into ``model`` in place: strict keys and shapes, LoRA merged. Both
+    files go through ``read_checkpoint`` (weights_only unless ``trust_pickle``; a refusal names
+    ``opt_in``, how to allow it).
 
     As in SeeSR, LoRA tensors in the RAM file (if any) are overridden by those of DAPE.
     """
-    sd = _read(ram_path, RAM_FILE, trust_pickle)
+    sd = _read(ram_path, RAM_FILE, trust_pickle, opt_in)
     base = _base_weights(sd, model, ram_path, RAM_FILE)
     lora = _lora(sd, model.cfg, ram_path, RAM_FILE, required=False)
     if dape_path is not None:
-        dape = _read(dape_path, DAPE_FILE, trust_pickle)
+        dape = _read(dape_path, DAPE_FILE, trust_pickle, opt_in)
         not_lora = [k for k in dape if not _is_lora(k)]
         if not_lora:
             raise ValueError(

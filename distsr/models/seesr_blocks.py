@@ -15,6 +15,7 @@ block module directly runs the stock forward, which skips the twins.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 # Width of the RAM image embedding: SeeSR hard-codes it in the block constructors (not in config).
@@ -47,9 +48,15 @@ def add_image_attentions(block: nn.Module, dim: int = IMAGE_CROSS_ATTENTION_DIM)
 
 
 def _resnet(block: nn.Module, resnet: nn.Module, h: torch.Tensor, emb: torch.Tensor):
-    if torch.is_grad_enabled() and block.gradient_checkpointing:
-        return block._gradient_checkpointing_func(resnet, h, emb)
-    return resnet(h, emb)
+    """``resnet(h, emb)``, recomputed in backward when the block checkpoints: through the
+    function ``enable_gradient_checkpointing`` set (diffusers >= 0.33), else (0.31, 0.32: the
+    blocks call torch's checkpoint inline) torch's non-reentrant checkpoint, as diffusers does."""
+    if not (torch.is_grad_enabled() and block.gradient_checkpointing):
+        return resnet(h, emb)
+    func = getattr(block, "_gradient_checkpointing_func", None)
+    if func is None:
+        return torch.utils.checkpoint.checkpoint(resnet, h, emb, use_reentrant=False)
+    return func(resnet, h, emb)
 
 
 def _attend(block: nn.Module, j: int, h: torch.Tensor, text: torch.Tensor, image):

@@ -4,6 +4,9 @@ A recipe builds its models, names the trainable ones (each becomes a DeepSpeed e
 yields ``Update``s from ``training_step``. The engine owns backward, accumulation, clipping and
 the optimizer steps, and it applies each update before the recipe computes the next one, so a
 recipe states the order of updates (e.g. discriminator before generator) by yielding in order.
+A recipe computes in float32 and never casts: each engine's module takes float32 and returns
+float32 whatever ``engine.precision`` it computes in (``engine/precision.py``), and a teacher
+does the same for its own networks.
 """
 
 from __future__ import annotations
@@ -41,10 +44,9 @@ class Recipe:
     Config: type
     cached_outputs: tuple[str, ...] = ()  # teacher outputs this recipe reads from the cache
 
-    def __init__(self, cfg, *, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg, *, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.dtype = dtype
         self.nets: dict[str, Callable] = {}
 
     @classmethod

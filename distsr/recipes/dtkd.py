@@ -47,8 +47,8 @@ class DtkdConfig(SourceConfig):
 class DtkdRecipe(KDRecipe):
     Config = DtkdConfig
 
-    def __init__(self, cfg: DtkdConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype, teacher=teacher)
+    def __init__(self, cfg: DtkdConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device, teacher=teacher)
         self.student = build_student(cfg.student)
         self.kd_loss = build_kd_loss(cfg.kd_loss).to(device)
 

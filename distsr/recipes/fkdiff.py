@@ -81,8 +81,8 @@ class PretrainRecipe(Recipe):
 
     Config = PretrainConfig
 
-    def __init__(self, cfg: PretrainConfig, *, device, dtype=torch.float32):
-        super().__init__(cfg, device=device, dtype=dtype)
+    def __init__(self, cfg: PretrainConfig, *, device):
+        super().__init__(cfg, device=device)
         self.stage1 = Stage1Nets(cfg.net, cfg.cfe).to(device)
 
     def trainable(self):
@@ -92,7 +92,7 @@ class PretrainRecipe(Recipe):
         return ["restorer"]
 
     def images(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return (batch["lq"].to(self.device, self.dtype), batch["gt"].to(self.device, self.dtype))
+        return tuple(batch[k].to(self.device, torch.float32) for k in ("lq", "gt"))
 
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         lq, gt = self.images(batch)
@@ -129,10 +129,10 @@ class PriorRecipe(Recipe):
 
     Config = PriorStageConfig
 
-    def __init__(self, cfg: PriorStageConfig, *, device, dtype=torch.float32):
+    def __init__(self, cfg: PriorStageConfig, *, device):
         from distsr.models.fkdiff.prior import PriorSchedule
 
-        super().__init__(cfg, device=device, dtype=dtype)
+        super().__init__(cfg, device=device)
         stage1 = Stage1Nets(cfg.net, cfg.cfe)
         load_parts(stage1, cfg.restorer_checkpoint, "FKdiff stage 1 (method.net, method.cfe)")
         self.stage1 = stage1.requires_grad_(False).eval().to(device)  # locked after stage 1
@@ -155,8 +155,7 @@ class PriorRecipe(Recipe):
             z0 = self.stage1.cfe_d(lq, gt)  # Z = CFE_D(Down(Concat(gt, lq))), frozen
         t = torch.randint(0, self.schedule.timesteps, (z0.shape[0],))  # step t + 1 ~ U{1..T}
         noise = torch.randn_like(z0)  # Z_t = sqrt(abar_t) Z + sqrt(1 - abar_t) eps
-        loss = self.nets["prior"](lq.to(self.dtype), z0.to(self.dtype), t, noise.to(self.dtype),
-                                  self.schedule)  # fmt: skip
+        loss = self.nets["prior"](lq, z0, t, noise, self.schedule)
         yield Update("prior", loss)
 
     @torch.no_grad()
@@ -257,8 +256,8 @@ class PHexKDRecipe(KDRecipe):
     Config = PHexKDConfig
     cached_outputs = ("z_hat",)
 
-    def __init__(self, cfg: PHexKDConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype, teacher=teacher)
+    def __init__(self, cfg: PHexKDConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device, teacher=teacher)
         self.student = build_fasrer(cfg.student).to(device)
         self.student_l = build_fasrer(cfg.student_l).to(device) if cfg.distill else None
         self.fdd = None
@@ -297,7 +296,7 @@ class PHexKDRecipe(KDRecipe):
         out = {"s": self.nets["student"](x, z_hat)}
         if teacher:
             sr_t, f_t = self.teacher.restore(x, z_hat)  # float32, no graph
-            out["t"] = (sr_t, [f.to(self.dtype) for f in f_t])
+            out["t"] = (sr_t, f_t)
         if self.cfg.distill:
             out["l"] = self.nets["student_l"](x, z_hat)
         s = self.cfg.student.scale
@@ -306,7 +305,7 @@ class PHexKDRecipe(KDRecipe):
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         lq, gt, tgt = self.inputs(batch, step)
         z_hat = tgt["z0_tch"]  # the teacher's Z_hat (cached, or sampled now)
-        out = self.forwards(lq, z_hat.to(self.dtype), teacher=self.cfg.distill)
+        out = self.forwards(lq, z_hat, teacher=self.cfg.distill)
         pix = {i: task_loss(sr, gt) for i, (sr, _) in out.items()}  # L1(gt, sr_i)
         if not self.cfg.distill:  # FASRer_S alone
             yield Update("student", pix["s"])
@@ -346,6 +345,6 @@ class PHexKDRecipe(KDRecipe):
         return kd + sum(task_loss(sr, gt) for sr, _ in out.values())
 
     def columns(self, lq: torch.Tensor, tgt: dict) -> dict[str, torch.Tensor]:
-        out = self.forwards(lq, tgt["z0_tch"].to(self.dtype))
+        out = self.forwards(lq, tgt["z0_tch"].float())
         names = {"t": "teacher", "l": "FASRer_L", "s": "FASRer_S"}
         return {names[i]: sr.float().clamp(0, 1) for i, (sr, _) in out.items()}

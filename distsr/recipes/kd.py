@@ -117,8 +117,8 @@ class KDRecipe(Recipe):
         student = getattr(cfg, "student", None)
         return student if student is not None else super().student_spec(cfg)
 
-    def __init__(self, cfg: SourceConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype)
+    def __init__(self, cfg: SourceConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device)
         self.teacher: Teacher = teacher if teacher is not None else self.make_teacher(cfg, device)
         self.cache = TeacherCache(cfg.cache_dir) if cfg.cache_dir else None
         if self.cache is not None:  # CachedTeacher refuses another teacher's outputs
@@ -146,9 +146,9 @@ class KDRecipe(Recipe):
     def inputs(
         self, batch: dict, step: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(lq in the trained network's dtype, gt float32, the teacher targets at ``step``)."""
-        lq = batch["lq"].to(self.device, self.dtype)
-        return lq, batch["gt"].to(self.device, torch.float32), self.source.targets(batch, step)
+        """(lq and gt float32, the teacher targets at ``step``)."""
+        lq, gt = (batch[k].to(self.device, torch.float32) for k in ("lq", "gt"))
+        return lq, gt, self.source.targets(batch, step)
 
 
 def bicubic(lq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ class AggregatorRecipe(KDRecipe):
 
     Config = AggregatorConfig
 
-    def __init__(self, cfg: AggregatorConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype, teacher=teacher)
+    def __init__(self, cfg: AggregatorConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device, teacher=teacher)
         n = len(self.teacher.outputs)
         self.aggregator = build_aggregator(cfg.aggregator, n, cfg.teachers.scale)
 
@@ -71,14 +71,14 @@ class AggregatorRecipe(KDRecipe):
     def training_step(self, batch: dict, step: int) -> Iterator[Update]:
         _, gt, tgt = self.inputs(batch, step)
         srs = stack_outputs(self.teacher, tgt["z0_tch"])  # [sr_1 .. sr_N] on channels
-        mt_hr = self.nets["aggregator"](srs.to(self.dtype)).float()
+        mt_hr = self.nets["aggregator"](srs)
         loss = task_loss(mt_hr, gt)  # L_KA = || gt - mt_hr ||_1  (Eq. 1)
         yield Update("aggregator", loss)
 
     def columns(self, lq: torch.Tensor, tgt: dict) -> dict[str, torch.Tensor]:
         outs = tgt["z0_tch"] if isinstance(tgt["z0_tch"], dict) else {"z0": tgt["z0_tch"]}
         srs = stack_outputs(self.teacher, tgt["z0_tch"])
-        mt_hr = self.nets["aggregator"](srs.to(self.dtype)).float().clamp(0, 1)
+        mt_hr = self.nets["aggregator"](srs).clamp(0, 1)
         teachers = {name.removeprefix("z0."): sr.clamp(0, 1) for name, sr in outs.items()}
         return {**teachers, "aggregated": mt_hr}
 
@@ -107,8 +107,8 @@ class MtkdRecipe(KDRecipe):
 
     Config = MtkdConfig
 
-    def __init__(self, cfg: MtkdConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype, teacher=teacher)
+    def __init__(self, cfg: MtkdConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device, teacher=teacher)
         self.student = build_student(cfg.student)
         self.kd_loss = build_kd_loss(cfg.kd_loss).to(device)
 

@@ -21,8 +21,8 @@ from distsr.recipes.base import Recipe, Update
 class ResShiftRecipe(Recipe):
     Config = ResShiftSpec  # the network spec; unet_checkpoint (optional) is the init
 
-    def __init__(self, cfg: ResShiftSpec, *, device, dtype=torch.float32):
-        super().__init__(cfg, device=device, dtype=dtype)
+    def __init__(self, cfg: ResShiftSpec, *, device):
+        super().__init__(cfg, device=device)
         self.net = build_unet(cfg)  # trained; official weights as init when given
         self.model = ResShift(cfg, unet=self.net).to(device)
         self.diffusion = self.model.diffusion

@@ -40,6 +40,11 @@ class DiscriminatorConfig:
     # "engine": the engine's LR schedule, warm-up included, as the student; "constant": the base
     # lr from the first step, never warmed up nor decayed (official: its lr is never adjusted)
     lr_schedule: Literal["engine", "constant"] = "engine"
+    # max gradient norm of the discriminator's engine; None (or 0): no clipping. The official
+    # TAD-SeeSR code (LearningHx/TAD-SR TAD-SeeSR/train_tadsr.py) clips the generator only:
+    # accelerator.clip_grad_norm_ on controlnet_stu + unet_stu, optimizer_D.step() unclipped.
+    # engine.grad_clip applies to the student.
+    grad_clip: float | None = None
     # how the heads combine (losses/adversarial.py): "sum" Eq. 11-12; "mean" the paper's text
     # (average of the heads); "concat_mean" the official code (one mean over all heads' logits)
     heads: Literal["sum", "mean", "concat_mean"] = "sum"
@@ -56,6 +61,10 @@ class DiscriminatorConfig:
         problems = timestep_range_problems("timesteps", self.timesteps)
         if self.lr is not None and self.lr <= 0:
             problems.append(("lr", f"must be > 0 (or null: the engine's lr), got {self.lr}"))
+        if self.grad_clip is not None and self.grad_clip < 0:
+            problems.append(
+                ("grad_clip", f"must be >= 0 (or null: no clipping), got {self.grad_clip}")
+            )
         return problems
 
 
@@ -94,8 +103,8 @@ class TadsrRecipe(Recipe):
 
     Config = TadsrConfig
 
-    def __init__(self, cfg: TadsrConfig, *, device, dtype=torch.float32, teacher=None):
-        super().__init__(cfg, device=device, dtype=dtype)
+    def __init__(self, cfg: TadsrConfig, *, device, teacher=None):
+        super().__init__(cfg, device=device)
         self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, device)
         if not self.teacher.supports("features"):
             raise ValueError(f"TAD-SR needs a teacher with encoder features; "
@@ -124,12 +133,13 @@ class TadsrRecipe(Recipe):
         return self.teacher.partitionable() if self.cfg.teacher_partition == "zero3" else {}
 
     def optimizer_overrides(self):
-        disc, over = self.cfg.disc, {}
+        disc = self.cfg.disc
+        over = {"grad_clip": disc.grad_clip}  # official: the discriminator is never clipped
         if disc.lr:
             over["lr"] = disc.lr
         if disc.lr_schedule == "constant":  # official: the discriminator's lr never changes
             over["scheduler"] = {"kind": "constant", "warmup_steps": 0}
-        return {"disc": over} if over else {}
+        return {"disc": over}
 
     def make_loader(self, data_cfg, **kwargs):
         from distsr.data.reader import make_train_loader
