@@ -14,6 +14,7 @@ from distsr.launch import run
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.runconfig import load_run_config
 from tests.conftest import load_job, tiny_overrides
+from tests.test_twins import BF16_REL, first_step
 
 pytestmark = pytest.mark.slow
 
@@ -120,20 +121,29 @@ def test_previews_show_teacher_and_student_columns(tiny_shards, teacher_weights,
     assert list((cfg.run_dir / "tensorboard").glob("events.*"))
 
 
-def test_teacher_partitioned_with_zero3_across_two_ray_workers(
+def test_teacher_partitioned_with_zero3_across_two_ray_workers_in_fp32_and_bf16(
     ray_cluster, tiny_shards, teacher_weights, tmp_path
 ):
     """The frozen teacher split over the ranks (ZeRO-3, no optimizer) while the student and
-    the discriminator train under ZeRO-2: the run completes with finite losses."""
-    cfg = load_run_config(
-        "tadsr_tiny",
-        tiny_overrides(
-            tmp_path, tiny_shards, "name=zero3teacher",
-            f"method.teacher.unet_checkpoint={teacher_weights}",
-            "method.teacher_partition=zero3", "engine.zero_stage=2", "engine.max_steps=2",
-            "engine.log_every=1", "engine.checkpoint.every_steps=2",
-        ),
-    )  # fmt: skip
-    final = run(cfg)
-    assert final["step"] == 2
-    assert torch.isfinite(torch.tensor(final["loss/student"]))
+    the discriminator train under ZeRO-2: the run completes with finite losses, in fp32 and in
+    bf16 (every engine bf16, the gradients of HSD and the adversarial term through the
+    partitioned teacher); bf16's first-step losses are fp32's within the bf16 bound."""
+    first = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_run_config(
+            "tadsr_tiny",
+            tiny_overrides(
+                tmp_path, tiny_shards, f"name=zero3teacher_{precision}",
+                f"method.teacher.unet_checkpoint={teacher_weights}",
+                "method.teacher_partition=zero3", "engine.zero_stage=2", "engine.max_steps=2",
+                "engine.log_every=1", "engine.checkpoint.every_steps=2", "data.batch_size=2",
+                f"engine.precision={precision}",
+            ),
+        )  # fmt: skip
+        final = run(cfg)
+        assert final["step"] == 2
+        assert torch.isfinite(torch.tensor(final["loss/student"]))
+        first[precision] = first_step(cfg.run_dir)
+    for key in ("loss/disc", "loss/student", "distill", "adv_g"):
+        ref, low = first["fp32"][key], first["bf16"][key]
+        assert abs(low - ref) <= BF16_REL * abs(ref) + 1e-6, (key, low, ref)
