@@ -85,7 +85,8 @@ def absolute_path(spec: str) -> str:
 
 
 PATH_KEYS = ("checkpoint", "unet_checkpoint", "cache_dir",  # local files named in ``method``
-             "sd2_dir", "seesr_dir", "dape", "tag_list", "tag_thresholds")  # fmt: skip
+             "sd2_dir", "seesr_dir", "dape", "tag_list", "tag_thresholds",
+             "restorer_checkpoint", "prior_checkpoint")  # fmt: skip
 PATH_LIST_KEYS = ("model_files",)  # lists of local files
 
 
