@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def assert_trained(cfg: RunConfig, final: dict, name: str, exports: set[str]) ->
         assert losses and all(math.isfinite(v) for v in losses.values()), record
     assert exports <= {p.name for p in (cfg.run_dir / "export").iterdir()}
     return records
+
+
+def trains_in_bf16(cfg: RunConfig) -> None:
+    """The same run with every engine in bf16 (engine/precision.py), in process: it trains to
+    the end with finite losses. (Only tadsr_seesr and resshift_realsr_x4 ship bf16; this checks
+    the rule holds for the KD and FKdiff recipes too.)"""
+    bf16 = replace(cfg, name=f"{cfg.name}_bf16", engine=replace(cfg.engine, precision="bf16"),
+                   scaling=replace(cfg.scaling, ray=False, num_workers=1))  # fmt: skip
+    assert run(bf16)["step"] == bf16.engine.max_steps
+    for line in (bf16.run_dir / "metrics.jsonl").read_text().splitlines():
+        losses = {k: v for k, v in json.loads(line).items() if k.startswith("loss/")}
+        assert losses and all(math.isfinite(v) for v in losses.values()), line
 
 
 def twin(name: str, root: Path, shards: Path, *overrides: str) -> RunConfig:
@@ -135,6 +148,7 @@ def test_mtkd_aggregator_twin_trains_on_two_workers(mtkd_aggregator):
     cfg, final = mtkd_aggregator
     assert len(cfg.method.teachers.model_files) == 3
     assert_trained(cfg, final, "mtkd_aggregator", {"aggregator.safetensors"})
+    trains_in_bf16(cfg)
 
 
 @pytest.mark.slow
@@ -149,6 +163,8 @@ def test_mtkd_student_twin_distils_the_cached_mt_hr_on_two_workers(
     for r in records:
         want = shipped["task_weight"] * r["task"] + shipped["kd_weight"] * r["kd"]
         assert math.isfinite(want) and math.isclose(r["loss/student"], want, rel_tol=2.0**-20), r
+    if name == "mtkd_rcan_light":
+        trains_in_bf16(cfg)
 
 
 # -- FKdiff: stage 1, stage 2 from its export, Z_hat cached, PHexKD ------------------------------
@@ -175,11 +191,13 @@ def fkdiff_prior(fkdiff_root, fkdiff_pretrain, twin_shards) -> tuple:
 @pytest.mark.slow
 def test_fkdiff_pretrain_twin_trains_on_two_workers(fkdiff_pretrain):
     assert_trained(*fkdiff_pretrain, "fkdiff_pretrain", {"restorer_ema.safetensors"})
+    trains_in_bf16(fkdiff_pretrain[0])
 
 
 @pytest.mark.slow
 def test_fkdiff_prior_twin_trains_on_two_workers(fkdiff_prior):
     assert_trained(*fkdiff_prior, "fkdiff_prior", {"prior_ema.safetensors"})
+    trains_in_bf16(fkdiff_prior[0])
 
 
 @pytest.mark.slow
@@ -196,3 +214,4 @@ def test_fkdiff_phexkd_twin_distils_the_cached_prior_on_two_workers(
                *[f"method.teacher.{f}" for f in files])  # fmt: skip
     exports = {"student_ema.safetensors", "student_l.safetensors", "fdd.safetensors"}
     assert_trained(cfg, run(cfg), "fkdiff_phexkd", exports)
+    trains_in_bf16(cfg)

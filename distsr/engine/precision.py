@@ -4,7 +4,9 @@ An engine computes in one dtype, ``compute_dtype(precision)``: its module's para
 buffers are cast to it before DeepSpeed wraps the module (DeepSpeed >= 0.17 casts parameters
 only, which leaves e.g. spectral norm's power-iteration vectors in float32 beside bf16 weights).
 ``computes_in`` makes the module's boundary the only place where dtypes change: floating inputs
-are cast to the compute dtype on entry and floating outputs back to float32 on exit. Recipes and
+are cast to the compute dtype on entry and floating outputs back to float32 on exit, for
+``forward`` and for the methods a module names in ``entry_points`` (e.g. FKdiff's prior
+``sample``, which a preview calls on the engine's module). Recipes and
 losses therefore see float32 everywhere (losses, the HSD weight, the discriminator's logits) and
 never cast; gradients flow through both casts. A frozen engine (a ZeRO-3 teacher) computes in
 the dtype its teacher was built in (``teacher.dtype``). Teachers follow the same contract for the
@@ -50,7 +52,20 @@ def computes_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     module.register_forward_pre_hook(enter, with_kwargs=True)
     module.register_forward_hook(lambda _m, _args, out: map_tensors(out, _to_float32))
+    for name in getattr(module, "entry_points", ()):  # methods called from outside besides forward
+        setattr(module, name, _at_boundary(getattr(module, name), dtype))
     return module
+
+
+def _at_boundary(method: Callable, dtype: torch.dtype) -> Callable:
+    """``method`` with the boundary rule of ``computes_in``: floating inputs in ``dtype``,
+    floating outputs float32."""
+
+    def call(*args, **kwargs):
+        args, kwargs = map_tensors((args, kwargs), lambda x: _cast(x, dtype))
+        return map_tensors(method(*args, **kwargs), _to_float32)
+
+    return call
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -90,6 +90,8 @@ class Stage1Nets(nn.Module):
 class PriorNets(nn.Module):
     """Stage 2's trained parts as one module (one engine): CFE_R and the prior denoiser."""
 
+    entry_points = ("sample",)  # called on the engine's module too (engine/precision.py)
+
     def __init__(self, cfe: CFEConfig, prior: PriorConfig, in_channels: int = 3):
         super().__init__()
         from distsr.models.fkdiff.cfe import CFE
