@@ -20,19 +20,11 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, load_job, tiny_overrides
+from tests.ports import patience, start_on_free_ports
 
 RAY = str(Path(sys.executable).with_name("ray"))
 EXCLUDES = ["shards/", "runs/", "checkpoints/", "cache/", ".git/"]
 slurm = load_job("slurm")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free now (all held open while choosing, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -41,27 +33,46 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
+def head_env(token: Path, gcs: int) -> dict:
+    return slurm.ray_env(token, RAY_ADDRESS=f"127.0.0.1:{gcs}", **slurm.HEAD_ENV)
+
+
+def stop_node(proc: subprocess.Popen, ports: list[int]) -> None:
+    """Stop a node by its process group; a head (its GCS port first) is forgotten too."""
+    slurm.stop(proc, grace=patience(60))
+    slurm.forget_cluster(ports[0])
+
+
 @contextlib.contextmanager
 def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
-    """`ray start --head --block` with token auth; SIGTERM stops exactly this node's processes
-    (no global `ray stop`, which would also kill other Ray clusters on this machine)."""
+    """`ray start --head --block` with token auth, up once its agent reports healthy, its job
+    API answers and its own processes listen on the ports it was given (``tests.ports``: a
+    port taken meanwhile means a restart on new ones). SIGTERM stops exactly this node's
+    processes (no global `ray stop`, which would also kill other Ray clusters here)."""
     token = slurm.write_token(tmp_path / "ray_token")
-    gcs, dashboard, agent, client = free_ports(4)
-    env = slurm.ray_env(token, RAY_ADDRESS=f"127.0.0.1:{gcs}", **slurm.HEAD_ENV)
-    # every port that has a fixed default is chosen here: a second Ray on this machine (another
-    # test, the demo) holds the defaults, and an agent whose HTTP port is taken runs without it
-    cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-           f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
-           "--disable-usage-stats"]  # fmt: skip
-    head = slurm.spawn(cmd, env, log=tmp_path / "ray_head.log")
-    url = f"http://127.0.0.1:{dashboard}"
+
+    def start(ports: list[int]) -> subprocess.Popen:
+        gcs, dashboard, agent, client = ports
+        # every port that has a fixed default is chosen here: a second Ray on this machine
+        # (another test, the demo) holds the defaults
+        cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+               f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+               f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
+               "--disable-usage-stats"]  # fmt: skip
+        return slurm.spawn(cmd, head_env(token, gcs), log=tmp_path / "ray_head.log")
+
+    def ready(ports: list[int]) -> bool:
+        _, dashboard, agent, _ = ports
+        return slurm.agent_healthy("127.0.0.1", agent) and slurm.job_api_answers(
+            f"http://127.0.0.1:{dashboard}", token
+        )
+
+    head, ports = start_on_free_ports(4, start, ready, stop_node, "the Ray head", patience(300))
+    gcs, dashboard = ports[:2]
     try:
-        slurm.wait_for_head(head, "127.0.0.1", agent, timeout=300, jobs_url=url, token_path=token)
-        yield url, env, gcs
+        yield f"http://127.0.0.1:{dashboard}", head_env(token, gcs), gcs
     finally:
-        slurm.stop(head, grace=60)
-        slurm.forget_cluster(gcs)
+        stop_node(head, ports)
     assert head.returncode is not None
 
 
@@ -77,9 +88,10 @@ def test_ray_job_submit_trains_on_a_token_protected_cluster(tiny_shards, tmp_pat
                   sys.executable, "-m", "distsr.launch", "resshift_tiny", *overrides]  # fmt: skip
         intruder = {**env, "RAY_AUTH_TOKEN": "0" * 64}  # the env token wins over the file
         refused = subprocess.run([RAY, "job", "list", "--address", url], env=intruder,
-                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+                                 capture_output=True, text=True, timeout=patience(120))  # fmt: skip
         assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stdout
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        done = subprocess.run(submit, env=env, capture_output=True, text=True,
+                              timeout=patience(400))  # fmt: skip
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log
@@ -118,9 +130,9 @@ def test_slurm_local_job_is_preempted_requeued_and_resumes(tiny_shards, tmp_path
                         "--folder", str(tmp_path / "submitit"), "--", *overrides])  # fmt: skip
     try:
         slurm.wait_until(lambda: max(steps(run_dir), default=0) >= 4,
-                         "step 4 (after a checkpoint)", 300, job._process)  # fmt: skip
+                         "step 4 (after a checkpoint)", patience(300), job._process)  # fmt: skip
         os.kill(task_pid(job), signal.SIGUSR2)  # submitit's preemption/timeout signal
-        slurm.wait_until(job.done, "the requeued job to finish", 400)
+        slurm.wait_until(job.done, "the requeued job to finish", patience(400))
     finally:
         if not job.done():
             job.cancel()

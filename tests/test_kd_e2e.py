@@ -12,11 +12,16 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from distsr.data.cache import TeacherCache
+from distsr.data.reader import make_train_loader
+from distsr.engine.checkpoint import step_name
 from distsr.launch import run
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.models.sr import build_sr, load_sr
-from distsr.runconfig import load_run_config
+from distsr.recipes.kd import build_student
+from distsr.runconfig import RunConfig, load_run_config
 from tests.conftest import ROOT, load_job, tiny_overrides
+from tests.kd_reference import assert_loss, dtkd_loss, mtkd_loss
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +46,7 @@ def cache(*argv: str) -> str:
 
 def train_killed_and_resumed(config: str, tmp_path: Path, shards: Path, *extra: str):
     """Run ``config`` on 2 Ray workers (ZeRO-2); rank 1 dies at step 6, the group restarts from
-    the step-4 checkpoint and finishes step 8. Returns the run folder and its metrics."""
+    the step-4 checkpoint and finishes step 8. Returns the run config and its metrics."""
     cfg = load_run_config(config, tiny_overrides(tmp_path, shards, *KILL, *extra))
     final = run(cfg)
     assert final["step"] == 8 and final["skipped_samples"] == 0
@@ -56,7 +61,32 @@ def train_killed_and_resumed(config: str, tmp_path: Path, shards: Path, *extra: 
     loss = next(k for k in records[0] if k.startswith("loss/"))
     assert [r[loss] for r in records[4:6]] == [r[loss] for r in records[6:8]]
     assert all(torch.isfinite(torch.tensor(r[loss])) for r in records)
-    return cfg.run_dir, records
+    return cfg, records
+
+
+def rank0_step(cfg: RunConfig, step: int) -> tuple[dict, dict[str, dict], torch.Tensor]:
+    """What rank 0 computed logged step ``step`` from (the loss it logs is rank 0's): its batch
+    (the ``step``-th of its stream: batch 1, no accumulation), every engine's weights it met
+    (the checkpoint of step - 1, where the resumed group started) and the RNG state saved
+    there (the draws of stochastic depth)."""
+    data = make_train_loader(cfg.data, rank=0, world_size=cfg.scaling.num_workers, steps=step,
+                             seed=cfg.seed, cache=TeacherCache(cfg.method.cache_dir))  # fmt: skip
+    batch = list(data)[-1]
+    folder = cfg.run_dir / step_name(step - 1)
+    weights = {engine.name: torch.load(next(engine.rglob("*model_states.pt")),
+                                       weights_only=False)["module"]
+               for engine in folder.iterdir() if engine.is_dir()}  # fmt: skip
+    rng = torch.load(folder / "rng_rank0.pt", weights_only=False)["torch"]
+    return batch, weights, rng
+
+
+def student_output(cfg: RunConfig, weights: dict, lq: torch.Tensor, rng) -> torch.Tensor:
+    """The student's training-mode forward, with the weights and RNG state of the step."""
+    student = build_student(cfg.method.student)
+    student.load_state_dict(weights["student"])
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        return student(lq).float()
 
 
 def test_dtkd_distils_the_decoded_resshift_cache_on_two_workers_and_resumes_after_a_kill(
@@ -68,14 +98,20 @@ def test_dtkd_distils_the_decoded_resshift_cache_on_two_workers_and_resumes_afte
     cache_dir = cache(str(ROOT / "configs/cache_resshift_tiny.yaml"), "decode=true",
                       f"teacher.unet_checkpoint={unet}", f"shards=[{tiny_shards}]",
                       f"output={tmp_path / 'cache'}")  # fmt: skip
-    run_dir, records = train_killed_and_resumed(
+    cfg, records = train_killed_and_resumed(
         "dtkd_tiny", tmp_path, tiny_shards, "name=dtkd", f"method.cache_dir={cache_dir}",
         f"method.teacher.unet_checkpoint={unet}", "method.ramp.end_step=8",
         "engine.preview_every=4",
     )  # fmt: skip
+    run_dir = cfg.run_dir
     # lambda(i) = i / 8 at training step i (logged after it, as step i + 1): 0 at step 0
     assert [r["lambda"] for r in records] == [(r["step"] - 1) / 8 for r in records]
-    assert records[0]["loss/student"] == records[0]["task"]
+    # the loss logged at step 5, computed again from its batch, the step-4 weights and the
+    # cached (decoded) teacher output: L1 + lambda(4) L_KD, lambda(4) = 4 / 8
+    batch, weights, rng = rank0_step(cfg, 5)
+    sr = student_output(cfg, weights, batch["lq"], rng)
+    want = dtkd_loss(sr, batch["gt"], batch["cache"]["z0"][:, 0].float(), lam=0.5)
+    assert_loss(records[4]["loss/student"], want, "DTKD loss logged at step 5")
     assert (run_dir / "previews" / "step_00000004.png").exists()
     student = load_sr(run_dir / "export" / "student_ema.safetensors")  # official SwinIR names
     assert student.arch == "SwinIR" and student.scale == 4
@@ -97,11 +133,11 @@ def test_mtkd_aggregator_then_student_from_the_cache_on_two_workers_resume_after
     # stage 1: the teachers' outputs cached (one column each), the aggregator trained on them
     teachers_cache = cache("teacher.kind=regression", f"teacher.model_files={model_files}",
                            *common)  # fmt: skip
-    agg_dir, _ = train_killed_and_resumed(
+    agg_cfg, _ = train_killed_and_resumed(
         "mtkd_tiny_aggregator", tmp_path, tiny_shards, "name=agg",
         f"method.cache_dir={teachers_cache}", f"method.teachers.model_files={model_files}",
     )  # fmt: skip
-    aggregator = agg_dir / "export" / "aggregator.safetensors"
+    aggregator = agg_cfg.run_dir / "export" / "aggregator.safetensors"
     assert aggregator.exists()
 
     # stage 2: the frozen aggregated teacher cached, the student distilled from mt_hr
@@ -111,11 +147,16 @@ def test_mtkd_aggregator_then_student_from_the_cache_on_two_workers_resume_after
     job_yaml.write_text(yaml.safe_dump({"teacher": teacher}))
     aggregated_cache = cache(str(job_yaml), *common)
     assert aggregated_cache != teachers_cache
-    run_dir, records = train_killed_and_resumed(
+    cfg, records = train_killed_and_resumed(
         "mtkd_tiny", tmp_path, tiny_shards, "name=student", f"method.cache_dir={aggregated_cache}",
         f"method.teacher.model_files={model_files}", f"method.teacher.checkpoint={aggregator}",
     )  # fmt: skip
-    for r in records:  # L = L1 + 0.1 L_DWT, in float32 on each rank, averaged over ranks
-        assert abs(r["loss/student"] - (r["task"] + 0.1 * r["kd"])) <= 1e-6
-    student = load_sr(run_dir / "export" / "student.safetensors")  # BasicSR EDSR names
+    # the loss logged at step 5 from its batch, the step-4 weights and the cached mt_hr: Eq. 4
+    # with the configured weights (mtkd_tiny: task_weight 1, kd_weight 0.1)
+    batch, weights, rng = rank0_step(cfg, 5)
+    sr = student_output(cfg, weights, batch["lq"], rng)
+    want = mtkd_loss(sr, batch["gt"], batch["cache"]["z0"][:, 0].float(),
+                     cfg.method.task_weight, cfg.method.kd_weight)  # fmt: skip
+    assert_loss(records[4]["loss/student"], want, "MTKD loss logged at step 5")
+    student = load_sr(cfg.run_dir / "export" / "student.safetensors")  # BasicSR EDSR names
     assert student.arch == "EDSR" and student.scale == 4

@@ -35,6 +35,7 @@ from distsr.teachers.sr import (
     load_aggregator,
 )
 from tests.conftest import ROOT
+from tests.kd_reference import assert_loss, dtkd_loss, mtkd_loss
 
 CPU = torch.device("cpu")
 TINY_AGG = DCTSwinConfig(channels=8, blocks=1, layers=2, window=8, heads=2)
@@ -256,6 +257,17 @@ def test_cache_job_builds_teachers_by_kind_and_decodes_on_request(
 # ---------------------------------------------------------------- training steps
 
 
+def reference_step(recipe, batch: dict, step: int):
+    """(the recipe's update at ``step``, the student's output and the teacher target it read);
+    the student in eval mode, so that both forwards are the same (SwinIR's stochastic depth)."""
+    recipe.student.eval()
+    (update,) = list(recipe.training_step(batch, step))
+    with torch.no_grad():
+        sr = recipe.nets["student"](batch["lq"])
+    recipe.student.train()
+    return update, sr, recipe.source.targets(batch, step)["z0_tch"]
+
+
 def test_dtkd_step_lowers_its_loss_and_weighs_the_kd_term_by_the_ramp(resshift_teacher, batch):
     tiny = {"embed_dim": 12, "depths": [2], "num_heads": [2]}
     cfg = DtkdConfig(student=StudentConfig("swinir", "small", kwargs=tiny),
@@ -264,13 +276,14 @@ def test_dtkd_step_lowers_its_loss_and_weighs_the_kd_term_by_the_ramp(resshift_t
     recipe = DtkdRecipe(cfg, device=CPU, teacher=PixelOutputs(resshift_teacher))
     recipe.source.fresh_noise = False  # the same teacher target every step
     recipe.bind({"student": recipe.student})
-    (first,) = list(recipe.training_step(batch, 0))
-    assert first.logs["lambda"] == 0.0 and first.loss.item() == first.logs["task"]
+    first, sr, tch = reference_step(recipe, batch, 0)
+    assert first.logs["lambda"] == 0.0
+    assert_loss(first.loss, dtkd_loss(sr, batch["gt"], tch, lam=0.0), "DTKD loss at step 0")
     losses = train(recipe, "student", batch, steps=8, step=5)
     assert losses[-1] < 0.8 * losses[0], losses
-    (half,) = list(recipe.training_step(batch, 5))
-    assert half.logs["lambda"] == 0.5
-    assert abs(half.loss.item() - (half.logs["task"] + 0.5 * half.logs["kd"])) <= 1e-6
+    half, sr, tch = reference_step(recipe, batch, 5)
+    assert half.logs["lambda"] == 0.5  # lambda(5) = 1.0 * 5 / 10
+    assert_loss(half.loss, dtkd_loss(sr, batch["gt"], tch, lam=0.5), "DTKD loss at step 5")
     assert set(recipe.preview(batch)) == {"bicubic", "teacher", "student", "gt"}
 
 
@@ -293,5 +306,10 @@ def test_mtkd_student_step_lowers_l1_plus_a_tenth_of_the_dwt_loss(teacher_files,
     recipe = MtkdRecipe(MtkdConfig(teacher=teacher, student=TINY_STUDENT), device=CPU)
     losses = train(recipe, "student", batch, steps=8)
     assert losses[-1] < 0.8 * losses[0], losses
-    (update,) = list(recipe.training_step(batch, 0))
-    assert abs(update.loss.item() - (update.logs["task"] + 0.1 * update.logs["kd"])) <= 1e-6
+    # Eq. 4 with the configured weights on their own terms: the defaults (task 1, kd 0.1) and
+    # the paper's alpha = 0.1 on the gt term (task 0.1, kd 1)
+    for task_weight, kd_weight in ((1.0, 0.1), (0.1, 1.0)):
+        recipe.cfg.task_weight, recipe.cfg.kd_weight = task_weight, kd_weight
+        update, sr, mt_hr = reference_step(recipe, batch, 0)
+        want = mtkd_loss(sr, batch["gt"], mt_hr, task_weight, kd_weight)
+        assert_loss(update.loss, want, f"MTKD loss, weights {task_weight}/{kd_weight}")

@@ -7,6 +7,9 @@ its own shards, and when the second node's raylet is killed mid-run the run rest
 The restart needs two workers' worth of CPUs again, so a replacement raylet (same resources) is
 started once the state API reports the killed node dead, as an autoscaler or a Kubernetes
 operator would replace a lost node; Ray Train waits for it (its placement group stays pending).
+The GCS keeps Ray's default health check (5 missed checks 3 s apart): a tighter one declares a
+live raylet of a loaded 2-core machine dead. The test waits on the state API instead, with a
+deadline (``tests.ports.patience``).
 
 What each rank read is recorded where it was read: the shards are opened through WebDataset
 ``pipe:`` urls, small scripts that append ``RANK RAY_RAYLET_PID shard`` to a log and stream the
@@ -31,15 +34,14 @@ import torch
 import webdataset as wds
 
 from tests.conftest import ROOT, load_job, tiny_overrides
-from tests.test_cluster import RAY, free_ports
+from tests.ports import patience, start_on_free_ports
+from tests.test_cluster import RAY, stop_node
 
 pytestmark = pytest.mark.slow
 slurm = load_job("slurm")
 IP = "127.0.0.1"
 SHARDS, PER_SHARD = 8, 4  # a pass: 4 shard reads (16 samples, 4 steps) per rank
 MAX_STEPS, EVERY = 30, 5
-# the GCS declares a raylet dead after 5 missed 1 s health checks (default: 5 x 3 s)
-HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
 
 
 def write_recorded_shards(tiny_shards: Path, folder: Path, log: Path) -> list[str]:
@@ -85,15 +87,28 @@ class Cluster:
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.token = slurm.write_token(tmp_path / "ray_token")
-        self.gcs, self.dashboard, agent, client = free_ports(4)
-        self.address = f"{IP}:{self.gcs}"
-        self.env = slurm.ray_env(self.token, RAY_ADDRESS=self.address)
-        cmd = [RAY, "start", "--head", f"--port={self.gcs}", f"--dashboard-port={self.dashboard}",
-               f"--ray-client-server-port={client}", *self.node_flags(agent, "node_a")]  # fmt: skip
-        head_env = {**self.env, **slurm.HEAD_ENV, **HEAD_ENV}
-        self.head = slurm.spawn(cmd, head_env, log=tmp_path / "ray_head.log")
         self.nodes: list[subprocess.Popen] = []
-        slurm.wait_for_head(self.head, IP, agent, timeout=300)
+        self.head, ports = start_on_free_ports(
+            4, self.start_head, self.agent_healthy, stop_node, "the Ray head", patience(300)
+        )
+        self.gcs, self.dashboard = ports[:2]
+        self.address = f"{IP}:{self.gcs}"
+        self.env = self.ray_env(self.gcs)
+
+    def ray_env(self, gcs: int) -> dict:
+        return slurm.ray_env(self.token, RAY_ADDRESS=f"{IP}:{gcs}")
+
+    def start_head(self, ports: list[int]) -> subprocess.Popen:
+        gcs, dashboard, client, agent = ports  # the agent last, as a joined node's only port
+        cmd = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+               f"--ray-client-server-port={client}", *self.node_flags(agent, "node_a")]  # fmt: skip
+        env = {**self.ray_env(gcs), **slurm.HEAD_ENV}
+        return slurm.spawn(cmd, env, log=self.tmp / "ray_head.log")
+
+    @staticmethod
+    def agent_healthy(ports: list[int]) -> bool:
+        """The node's agent (its last port) answers healthy: the GCS sees its raylet alive."""
+        return slurm.agent_healthy(IP, ports[-1])
 
     @staticmethod
     def node_flags(agent: int, resource: str) -> list[str]:
@@ -105,18 +120,25 @@ class Cluster:
 
     def join(self, resource: str) -> subprocess.Popen:
         """A second raylet; returns once its agent reports it healthy (the GCS sees it alive)."""
-        (agent,) = free_ports(1)
-        cmd = [RAY, "start", f"--address={self.address}", *self.node_flags(agent, resource)]
-        node = slurm.spawn(cmd, self.env, log=self.tmp / f"ray_{resource}_{len(self.nodes)}.log")
+        log = self.tmp / f"ray_{resource}_{len(self.nodes)}.log"
+
+        def start(ports: list[int]) -> subprocess.Popen:
+            cmd = [RAY, "start", f"--address={self.address}", *self.node_flags(ports[0], resource)]
+            return slurm.spawn(cmd, self.env, log=log)
+
+        def stop(node: subprocess.Popen, _ports) -> None:
+            slurm.stop(node, grace=patience(60))
+
+        node, _ = start_on_free_ports(1, start, self.agent_healthy, stop, f"{resource} to join",
+                                      patience(300))  # fmt: skip
         self.nodes.append(node)
-        slurm.wait_until(lambda: slurm.agent_healthy(IP, agent), f"{resource} to join", 300, node)
         return node
 
     def state(self, what: str) -> list[dict]:
         """Ray's state API (``/api/v0/nodes``, ``/api/v0/actors``) on the head's dashboard."""
         request = urllib.request.Request(f"http://{IP}:{self.dashboard}/api/v0/{what}?limit=1000",
                                          headers=slurm.auth_headers(self.token))  # fmt: skip
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=patience(30)) as r:
             return json.loads(r.read())["data"]["result"]["result"]
 
     def alive_nodes(self) -> dict[str, str]:
@@ -125,9 +147,9 @@ class Cluster:
         return {r: n["node_id"] for n in alive for r in n["resources_total"] if "node_" in r}
 
     def stop(self) -> None:
-        for proc in [*self.nodes, self.head]:
-            slurm.stop(proc, grace=60)
-        slurm.forget_cluster(self.gcs)
+        for proc in self.nodes:
+            slurm.stop(proc, grace=patience(60))
+        stop_node(self.head, [self.gcs])
 
 
 @contextlib.contextmanager
@@ -136,7 +158,7 @@ def two_nodes(tmp_path: Path) -> Iterator[Cluster]:
     try:
         cluster.join("node_b")
         slurm.wait_until(lambda: set(cluster.alive_nodes()) == {"node_a", "node_b"},
-                         "both nodes alive in the state API", 120)  # fmt: skip
+                         "both nodes alive in the state API", patience(120))  # fmt: skip
         yield cluster
     finally:
         cluster.stop()
@@ -174,24 +196,26 @@ def test_one_worker_per_node_and_a_lost_node_is_survived(tiny_shards, tmp_path):
             driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)  # fmt: skip
         try:
-            slurm.wait_until(lambda: metrics(run_dir), "the first step", 600, driver)
+            slurm.wait_until(lambda: metrics(run_dir), "the first step", patience(600), driver)
             workers = [
                 a["node_id"]
                 for a in cluster.state("actors")
                 if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
             ]
-            slurm.wait_until(lambda: complete(run_dir), "the first complete checkpoint", 600,
-                             driver, interval=0.1)  # fmt: skip
+            slurm.wait_until(lambda: complete(run_dir), "the first complete checkpoint",
+                             patience(600), driver, interval=0.1)  # fmt: skip
             first_complete = complete(run_dir)[-1]
             os.kill(raylet_b, signal.SIGKILL)  # the second node is lost
             before = reads(log)  # the first attempt's reads
             killed_at = time.monotonic()
+            # Ray's default: 5 missed health checks 3 s apart, then the node is dead
             slurm.wait_until(lambda: "node_b" not in cluster.alive_nodes(),
-                             "the killed node to be declared dead", 120, driver)  # fmt: skip
+                             "the killed node to be declared dead", patience(120),
+                             driver)  # fmt: skip
             detected = time.monotonic() - killed_at
             cluster.join("node_b")  # its replacement
             raylet_b2 = group_pid(cluster.nodes[1].pid, "raylet")
-            driver.wait(timeout=600)
+            driver.wait(timeout=patience(600))
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)

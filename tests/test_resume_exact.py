@@ -1,14 +1,17 @@
 """Resume is exact. A run killed from outside (SIGKILL at whatever step it had reached) and
-launched again ends with the same weights, bit for bit, as a run that never stopped; and for
+launched again ends with the same weights, bit for bit, as a run that never stopped: in-process,
+and with two Ray workers at ZeRO-1/2/3 and with a ZeRO-3-partitioned TAD-SR teacher; and for
 ZeRO stages 0-3 and both recipes what a resume loads equals what the run held when it saved:
 parameters, optimizer moments and master weights, LR schedule, EMA shadow, RNG, step, samples
 seen and the data stream's position."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,9 +28,11 @@ from distsr.engine.build import gathered
 from distsr.engine.checkpoint import LocalStore, rng_state
 from distsr.engine.context import init_in_process
 from distsr.engine.loop import Trainer
+from distsr.engine.ray_adapter import COMPLETE
 from distsr.models.resshift_unet import UNetModelSwin
 from distsr.runconfig import load_run_config
 from tests.conftest import ROOT, tiny_overrides
+from tests.ports import patience
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +45,14 @@ EXACT = [
 ]  # fmt: skip
 
 
-def launch(tmp_path: Path, shards: Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distsr.launch", "resshift_tiny",
-           *tiny_overrides(tmp_path, shards, f"name={name}", *EXACT)]  # fmt: skip
+def launch(tmp_path: Path, shards: Path, name: str, config: str = "resshift_tiny",
+           args: list[str] = EXACT) -> subprocess.Popen:  # fmt: skip
+    """``python -m distsr.launch`` as its own session (its process group is the session's)."""
+    cmd = [sys.executable, "-m", "distsr.launch", config,
+           *tiny_overrides(tmp_path, shards, f"name={name}", *args)]  # fmt: skip
     log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # a private Ray cluster of its own, never another one
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
 
@@ -78,23 +86,120 @@ def test_run_killed_from_outside_ends_bit_identical_to_an_uninterrupted_one(tiny
     assert not (run_dir / "export").exists()
 
     finish(launch(tmp_path, tiny_shards, "killed"), tmp_path / "killed.log")
-    log = (tmp_path / "killed.log").read_text()
-    resumed_at = int(log.split("at step ")[1].split()[0])
-    assert "resumed from" in log and 4 <= resumed_at <= killed["step"]
-    for name in ("unet", "unet_ema"):
-        want = load_file(tmp_path / "whole" / "export" / f"{name}.safetensors")
-        got = load_file(run_dir / "export" / f"{name}.safetensors")
+    resumed_at = assert_resumed_as_uninterrupted(tmp_path / "whole", run_dir, max_steps=14)
+    assert 4 <= resumed_at <= killed["step"]
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
+        "unet.safetensors", "unet_ema.safetensors"]  # fmt: skip
+
+
+def assert_resumed_as_uninterrupted(whole: Path, run_dir: Path, max_steps: int) -> int:
+    """The relaunched run (its log: ``<run_dir>.log``) ends with the exported weights and EMA of
+    the uninterrupted one, bit for bit, and logged the same losses and gradient norms after the
+    step it resumed from (returned)."""
+    found = re.findall(r"resumed from \S+ at step (\d+)", run_dir.with_suffix(".log").read_text())
+    assert found, "the relaunch did not resume"
+    resumed_at = int(found[-1])
+    exported = sorted(p.name for p in (whole / "export").iterdir())
+    assert any(name.endswith("_ema.safetensors") for name in exported), exported
+    assert exported == sorted(p.name for p in (run_dir / "export").iterdir())
+    for name in exported:
+        want, got = load_file(whole / "export" / name), load_file(run_dir / "export" / name)
         assert want.keys() == got.keys()
-        assert all(torch.equal(want[k], got[k]) for k in want), name
-    # every loss logged after the resume is the uninterrupted run's, bit for bit
-    whole = {m["step"]: m["loss/unet"] for m in read_jsonl(tmp_path / "whole" / "metrics.jsonl")}
-    after = read_jsonl(run_dir / "metrics.jsonl")[-(14 - resumed_at) :]
-    assert [m["step"] for m in after] == list(range(resumed_at + 1, 15))
-    assert all(m["loss/unet"] == whole[m["step"]] for m in after)
+        assert [k for k in want if not torch.equal(want[k], got[k])] == [], name
+    # every loss and norm logged after the resume is the uninterrupted run's, bit for bit (the
+    # killed launch's lines before them may include steps it ran past its checkpoint)
+    reference = {m["step"]: m for m in read_jsonl(whole / "metrics.jsonl")}
+    after = read_jsonl(run_dir / "metrics.jsonl")[-(max_steps - resumed_at) :]
+    assert [m["step"] for m in after] == list(range(resumed_at + 1, max_steps + 1))
+    for m in after:
+        want = reference[m["step"]]
+        keys = [k for k in want if k.startswith(("loss/", "grad_norm/"))]
+        assert keys and {k: m[k] for k in keys} == {k: want[k] for k in keys}, m["step"]
+    return resumed_at
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- two Ray workers, killed
+
+WS2 = [
+    "scaling.num_workers=2", "engine.max_steps=12", "engine.log_every=1",
+    "engine.checkpoint.every_steps=4", "engine.preview_every=3", "engine.tensorboard=false",
+    "data.num_workers=1", "data.shuffle=8",
+]  # fmt: skip
+WS2_CASES = {  # id -> config, overrides
+    "zero1": ("resshift_tiny", ["engine.zero_stage=1"]),
+    "zero2": ("resshift_tiny", ["engine.zero_stage=2"]),
+    "zero3": ("resshift_tiny", ["engine.zero_stage=3"]),
+    "tadsr_zero3_teacher": ("tadsr_tiny", ["engine.zero_stage=3",
+                                           "method.teacher_partition=zero3"]),
+}  # fmt: skip
+
+
+def past_complete_checkpoint(run_dir: Path) -> bool:
+    """Rank 0 reports a checkpoint that every rank uploaded (marked COMPLETE) and a later step."""
+    now = status(run_dir)
+    ckpt = now.get("last_checkpoint")
+    if not ckpt or not (run_dir / ckpt / COMPLETE).is_file():
+        return False
+    return now["step"] > int(ckpt.removeprefix("step_"))
+
+
+def session_processes(sid: int) -> list[int]:
+    """The processes still in session ``sid``: a killed launch's Ray workers, which are not in
+    its process group, live on until they notice their raylet is gone."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    alive.append(int(entry))
+    return alive
+
+
+def kill_past_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> dict:
+    """SIGKILL the launch's process group (driver, GCS, raylet) once training is past a complete
+    checkpoint; return the run's status once no process of the launch is left to write."""
+    deadline = time.time() + patience(timeout)
+    try:
+        while not past_complete_checkpoint(run_dir):
+            assert proc.poll() is None, run_dir.with_suffix(".log").read_text()[-4000:]
+            assert time.time() < deadline, "the run never got past a complete checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + patience(120)
+    while left := session_processes(proc.pid):
+        assert time.time() < deadline, f"processes {left} of the killed launch live on"
+        time.sleep(0.1)
+    return status(run_dir)
+
+
+@pytest.mark.parametrize("case", list(WS2_CASES))
+def test_two_worker_run_killed_from_outside_ends_bit_identical_to_an_uninterrupted_one(
+    tiny_shards, teacher_weights, tmp_path, case
+):
+    """World size 2 (two Ray Train workers on the launch's private Ray cluster): ZeRO-1/2/3 and
+    TAD-SR with its teacher partitioned by ZeRO-3. Bit-identical, not within a bound: both runs
+    reduce over the same 2 ranks with the same partitioning, so every sum runs in the same
+    order, and a 2-rank average is exact anyway ((a + b) / 2 = (b + a) / 2)."""
+    config, extra = WS2_CASES[case]
+    args = [*WS2, *extra]
+    if config == "tadsr_tiny":
+        args.append(f"method.teacher.unet_checkpoint={teacher_weights}")
+    finish(launch(tmp_path, tiny_shards, "whole", config, args), tmp_path / "whole.log")
+
+    run_dir = tmp_path / "killed"
+    killed = kill_past_checkpoint(launch(tmp_path, tiny_shards, "killed", config, args), run_dir)
+    assert killed["state"] == "running" and killed["step"] < 12, killed
+    assert not (run_dir / "export").exists()
+
+    finish(launch(tmp_path, tiny_shards, "killed", config, args), tmp_path / "killed.log")
+    resumed_at = assert_resumed_as_uninterrupted(tmp_path / "whole", run_dir, max_steps=12)
+    assert resumed_at in (4, 8) and resumed_at <= killed["step"]
 
 
 # ---------------------------------------------------------------- state round trip

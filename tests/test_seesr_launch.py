@@ -68,8 +68,17 @@ def cache_tiny(tiny_parts: dict, shards, output) -> str:
     return summary["cache_dir"]
 
 
-def test_tadsr_seesr_tiny_trains_in_process_from_the_cache(tiny_parts, tiny_shards, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (as the cache job's actors), restored after it."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tadsr_seesr_tiny_trains_in_process_from_the_cache(tiny_parts, tiny_shards, tmp_path):
     cache_dir = cache_tiny(tiny_parts, tiny_shards, tmp_path / "cache")
     args = ["tadsr_seesr_tiny", "scaling.ray=false", f"output_dir={tmp_path / 'runs'}",
             f"data.shards=[{tiny_shards}]", f"method.cache_dir={cache_dir}",

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, load_job, tiny_overrides
-from tests.test_cluster import free_ports, port_is_free, steps
+from tests.ports import ATTEMPTS, free_ports, owners, patience
+from tests.test_cluster import port_is_free, steps
 
 slurm = load_job("slurm")
 SCRIPT = ROOT / "cluster" / "slurm-local.sh"
@@ -40,27 +41,52 @@ def slurm_cluster() -> Iterator[Path]:
         )
     if os.geteuid() != 0:
         pytest.skip("a local slurmd and munged need root")
-    scratch = Path(tempfile.mkdtemp(prefix="distsr-slurm-"))  # not under pytest's 0700 folders:
-    ctld, slurmd = free_ports(2)  # the munge user must reach its socket inside
-    env = {**os.environ, "SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd)}
     previous = os.environ.get("SLURM_CONF")
+    scratch = start_slurm()
     try:
-        started = subprocess.run(["bash", str(SCRIPT), "start", str(scratch)], env=env,
-                                 capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert started.returncode == 0, started.stdout + started.stderr
         os.environ["SLURM_CONF"] = str(scratch / "slurm.conf")
         yield scratch
     finally:
-        stopped = subprocess.run(["bash", str(SCRIPT), "stop", str(scratch)],
-                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
-        daemons = [scratch / "slurmd.pid", scratch / "slurmctld.pid", scratch / "munge/munged.pid"]
-        alive = [p.name for p in daemons if p.is_file() and pid_alive(int(p.read_text()))]
-        shutil.rmtree(scratch, ignore_errors=True)
+        stopped, alive = stop_slurm(scratch)
         assert stopped.returncode == 0 and not alive, (alive, stopped.stderr)
+
+
+def start_slurm() -> Path:
+    """cluster/slurm-local.sh on two free ports, up once `sinfo` shows the node idle and
+    slurmctld and slurmd (by their pid files) listen on the ports they were given; started
+    again in a fresh folder on new ports if not (``tests.ports``: a port taken meanwhile)."""
+    problems = []
+    for _ in range(ATTEMPTS):
+        scratch = Path(tempfile.mkdtemp(prefix="distsr-slurm-"))  # not under pytest's 0700
+        ports = free_ports(2)  # folders: the munge user must reach its socket inside
+        env = {**os.environ, "SLURMCTLD_PORT": str(ports[0]), "SLURMD_PORT": str(ports[1]),
+               "START_TIMEOUT_S": str(int(patience(120)))}  # fmt: skip
+        started = subprocess.run(["bash", str(SCRIPT), "start", str(scratch)], env=env,
+                                 capture_output=True, text=True, timeout=patience(300))  # fmt: skip
+        if started.returncode == 0:
+            pids = [int((scratch / f"{d}.pid").read_text()) for d in ("slurmctld", "slurmd")]
+            state = {port: owners([pid], [port])[port] for pid, port in zip(pids, ports)}
+            if all(who == "ours" for who in state.values()):
+                return scratch
+            problems.append(f"slurmctld/slurmd ports {state}")
+        else:
+            problems.append(f"ports {ports}: {(started.stdout + started.stderr)[-2000:]}")
+        stop_slurm(scratch)
+    raise RuntimeError(f"no local SLURM after {ATTEMPTS} starts: {' | '.join(problems)}")
+
+
+def stop_slurm(scratch: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Stop the daemons, remove the folder; (the stop's result, daemons still alive)."""
+    stopped = subprocess.run(["bash", str(SCRIPT), "stop", str(scratch)],
+                             capture_output=True, text=True, timeout=patience(300))  # fmt: skip
+    daemons = [scratch / "slurmd.pid", scratch / "slurmctld.pid", scratch / "munge/munged.pid"]
+    alive = [p.name for p in daemons if p.is_file() and pid_alive(int(p.read_text()))]
+    shutil.rmtree(scratch, ignore_errors=True)
+    return stopped, alive
 
 
 def pid_alive(pid: int) -> bool:
@@ -75,7 +101,7 @@ def job_info(job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, Restarts, ...): without accounting storage
     sacct knows nothing, and SLURM keeps a finished job here for MinJobAge (300 s)."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                         text=True, check=True, timeout=60).stdout  # fmt: skip
+                         text=True, check=True, timeout=patience(60)).stdout  # fmt: skip
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -142,7 +168,8 @@ def cancel(job) -> None:
 def test_job_runs_to_its_end(slurm_cluster, tiny_shards, tmp_path):
     job, run_dir, token = submit(tmp_path, tiny_shards, "done", max_steps=4)
     try:
-        info = wait_for_job(job.job_id, "completed", lambda i: i["JobState"] == "COMPLETED", 400)
+        info = wait_for_job(job.job_id, "completed", lambda i: i["JobState"] == "COMPLETED",
+                            patience(400))  # fmt: skip
     finally:
         cancel(job)
     out = job.stdout()
@@ -161,11 +188,11 @@ def test_requeued_job_resumes_from_its_newest_complete_checkpoint(
     job, run_dir, token = submit(tmp_path, tiny_shards, "requeued", max_steps=12)
     try:
         wait_for_job(job.job_id, "a complete checkpoint",
-                     lambda i: bool(complete_checkpoints(run_dir)), 400)  # fmt: skip
+                     lambda i: bool(complete_checkpoints(run_dir)), patience(400))  # fmt: skip
         newest = complete_checkpoints(run_dir)[-1]
-        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=60)
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=patience(60))
         info = wait_for_job(job.job_id, "completed after a restart",
-                            lambda i: i["JobState"] == "COMPLETED", 500)  # fmt: skip
+                            lambda i: i["JobState"] == "COMPLETED", patience(500))  # fmt: skip
     finally:
         cancel(job)
     out = job.stdout()
@@ -192,15 +219,17 @@ def test_scancel_leaves_no_ray_processes(slurm_cluster, tiny_shards, tmp_path):
     job, run_dir, token = submit(tmp_path, tiny_shards, "cancelled", max_steps=500)
     try:
         wait_for_job(job.job_id, "a complete checkpoint",
-                     lambda i: bool(complete_checkpoints(run_dir)), 400)  # fmt: skip
+                     lambda i: bool(complete_checkpoints(run_dir)), patience(400))  # fmt: skip
         running = ray_processes(token)
         kinds = " ".join(running.values())
         assert "gcs_server" in kinds and "raylet" in kinds and "RayTrainWorker" in kinds, running
-        subprocess.run(["scancel", job.job_id], check=True, timeout=60)
-        wait_for_job(job.job_id, "cancelled", lambda i: i["JobState"] == "CANCELLED", 120)
-        # SLURM ends the job once its tracked processes are gone; an escaped one stays
+        subprocess.run(["scancel", job.job_id], check=True, timeout=patience(60))
+        wait_for_job(job.job_id, "cancelled", lambda i: i["JobState"] == "CANCELLED",
+                     patience(120))  # fmt: skip
+        # SLURM ends the job once its tracked processes are gone (KillWait 10 s); an escaped
+        # one stays
         slurm.wait_until(lambda: not set(running) & set(ray_processes(token)),
-                         f"job {job.job_id}'s Ray processes to exit", 30)  # fmt: skip
+                         f"job {job.job_id}'s Ray processes to exit", patience(60))  # fmt: skip
     finally:
         cancel(job)
     assert_no_ray_left(job, token)

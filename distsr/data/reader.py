@@ -33,7 +33,9 @@ One pipeline, built as a list of stages (open_clip's ``get_wds_dataset`` style):
 in lockstep and joined by ``__key__`` before the shuffle, and each batch carries
 ``batch["cache"] = {field: [B, ...], "seed": int64 [B, K], "fingerprint": str}``. An input
 sample missing from the cache is skipped and counted if it is corrupt (the cache job skipped it
-too); otherwise the pairing is wrong and a ``ValueError`` names both shard urls and both keys.
+too) or if its cache shard ends before it (truncated, or unreadable from there on: each input
+sample left without its entry is counted, so ``skipped`` is the number of samples lost);
+otherwise the pairing is wrong and a ``ValueError`` names both shard urls and both keys.
 """
 
 from __future__ import annotations
@@ -181,14 +183,14 @@ def _read_one(url: str, counter: SkipCounter, failed: list | None = None):
 def _join_cache(src, cache, counter: SkipCounter):
     """Raw input samples -> the same with ``__cache__``: the members of the sample of the same
     key in the cache shard of its input shard, read in lockstep (see the module doc)."""
-    current, dead, cached, reader, failed, cache_url = None, None, None, iter(()), [], ""
+    current, cached, reader, failed, cache_url = None, None, iter(()), [], ""
     for sample in src:
         url, key, n = sample["__url__"], sample["__key__"], sample["__pass__"]
-        if n == dead:
-            continue  # the rest of a shard whose cache shard is unreadable (counted once)
         if n != current:
             current, failed, cache_url = n, [], str(cache.shard_path(url))
-            reader = _read_one(cache_url, counter, failed)
+            # a cache read error loses no sample by itself (warned, not counted): the input
+            # samples it leaves without their entry are counted below, one by one
+            reader = _read_one(cache_url, SkipCounter(), failed)
             cached = next(reader, None)
         if cached is not None and cached["__key__"] == key:
             sample["__cache__"] = {k: v for k, v in cached.items() if not k.startswith("__")}
@@ -196,17 +198,16 @@ def _join_cache(src, cache, counter: SkipCounter):
             yield sample
             continue
         reason = _is_corrupt(sample)
-        if reason is not None:
-            counter.skip(url, key, reason)
-        elif cached is None and failed:
-            dead = n
-        else:
-            other = "nothing (the cache shard ended)" if cached is None else cached["__key__"]
+        if reason is None and cached is None:  # the input shard was checked: a cut cache shard
+            why = type(failed[0]).__name__ if failed else "truncated"
+            reason = f"its cache shard {cache_url} ends before it ({why})"
+        if reason is None:
             raise ValueError(
                 f"teacher cache out of step with the input: input shard {url} has sample {key} "
-                f"where cache shard {cache_url} has {other}; re-run jobs/cache_teacher.py on "
-                "these shards"
+                f"where cache shard {cache_url} has {cached['__key__']}; re-run "
+                "jobs/cache_teacher.py on these shards"
             )
+        counter.skip(url, key, reason)
 
 
 def _is_corrupt(sample: dict) -> str | None:

@@ -78,7 +78,25 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, micro_batch, ctx.world_size),
     )
+    undo_warmup_step(engine.optimizer)
     return compiled(engine, cfg)
+
+
+@torch.no_grad()
+def undo_warmup_step(optimizer) -> None:
+    """bf16 at ZeRO-0: DeepSpeed's ``FP16_UnfusedOptimizer`` runs the torch optimizer once with
+    zero gradients when it is built (``initialize_optimizer_states``), so AdamW's step count
+    starts at 1 (bias correction one step late: the first update is 0.744 lr) and weight decay
+    has already shrunk the fp32 master weights once. Forget that step: empty state, masters
+    copied back from the (untouched) model weights. ZeRO 1-3 build their state without a step."""
+    fp16_groups, fp32_groups = (getattr(optimizer, k, None) for k in ("fp16_groups", "fp32_groups"))
+    inner = getattr(optimizer, "optimizer", None)
+    if not fp16_groups or not fp32_groups or inner is None or hasattr(optimizer, "bit16_groups"):
+        return
+    inner.state.clear()
+    for low, masters in zip(fp16_groups, fp32_groups):
+        for p, master in zip(low, masters):
+            master.copy_(p.float())
 
 
 def compiled(engine, cfg: EngineConfig | None):
