@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Iterator
@@ -65,34 +66,70 @@ def ray_session(num_cpus: int, tag: str = "distsr") -> Iterator[None]:
     ray-project/ray PR #58515) looks its controller up without an address, so without this it
     falls back to ``/tmp/ray/ray_current_cluster`` — the last ``ray start`` on the machine, often
     another or a dead cluster — times out on that GCS and prints tracebacks after a successful
-    run (its loop catches only ``RayStateApiException``)."""
+    run (its loop catches only ``RayStateApiException``). Its token is its own
+    (:func:`private_cluster_env`): nothing is written into the user's home."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    if saved["RAY_ADDRESS"]:
-        ray.init(address=saved["RAY_ADDRESS"])
-        where = f"the cluster at RAY_ADDRESS={saved['RAY_ADDRESS']}"
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        session, init = contextlib.nullcontext(), {"address": address}
+        where = f"the cluster at RAY_ADDRESS={address}"
     else:
         port = _free_port()
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus))
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        session = private_cluster_env(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=address)
+        init = {"address": "local", "num_cpus": max(os.cpu_count() or 1, num_cpus)}
         where = "a new local Ray cluster (set RAY_ADDRESS to use another)"
-    resources = ray.cluster_resources()
-    print(f"[{tag}] running on {where}: {resources.get('CPU', 0):g} CPUs, "
-          f"{resources.get('GPU', 0):g} GPUs", flush=True)  # fmt: skip
+    with session:
+        ray.init(**init)
+        resources = ray.cluster_resources()
+        print(f"[{tag}] running on {where}: {resources.get('CPU', 0):g} CPUs, "
+              f"{resources.get('GPU', 0):g} GPUs", flush=True)  # fmt: skip
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@contextlib.contextmanager
+def private_cluster_env(**extra: str) -> Iterator[None]:
+    """``os.environ`` for a private local cluster started in the with-block (``ray.init()``
+    without an address), restored at the end: ``extra`` and token authentication with a fresh
+    token of its own in ``RAY_AUTH_TOKEN``, which every process of the cluster inherits.
+
+    Without it ``ray.init()`` turns token authentication on and, finding no token, writes one to
+    ``~/.ray/auth_token``; from then on a plain ``ray start --head`` on this machine turns
+    authentication on too, and a client without ``RAY_AUTH_MODE=token`` fails with an
+    ``AuthenticationError``. The private cluster's token is in no file and dies with it."""
+    keys = (*AUTH_ENV, *extra)
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **extra)
+    _reload_auth()
     try:
         yield
     finally:
-        ray.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _reload_auth()
+
+
+def _reload_auth() -> None:
+    """Make this process's Ray see the changed ``RAY_AUTH_*`` variables: it caches the mode (in
+    its config) and the token (config first, as Ray's own tests reset them)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _free_port() -> int:

@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
     port taken meanwhile means a restart on new ones). SIGTERM stops exactly this node's
     processes (no global `ray stop`, which would also kill other Ray clusters here)."""
     token = slurm.write_token(tmp_path / "ray_token")
+    # a temp dir of its own: Ray's job supervisor sends a job's driver to the cluster started last
+    # under a shared one (another test's), and Ray's socket paths need it short
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")
 
     def start(ports: list[int]) -> subprocess.Popen:
         gcs, dashboard, agent, client = ports
@@ -58,7 +63,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
         cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
                f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
                f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1",
-               "--disable-usage-stats"]  # fmt: skip
+               "--disable-usage-stats", f"--temp-dir={ray_tmp}"]  # fmt: skip
         return slurm.spawn(cmd, head_env(token, gcs), log=tmp_path / "ray_head.log")
 
     def ready(ports: list[int]) -> bool:
@@ -73,6 +78,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict, int]]:
         yield f"http://127.0.0.1:{dashboard}", head_env(token, gcs), gcs
     finally:
         stop_node(head, ports)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert head.returncode is not None
 
 

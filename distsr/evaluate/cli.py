@@ -3,14 +3,18 @@
     python -m distsr.evaluate --gt HR_DIR [--student RUN] [--teacher RUN] --out eval/
     python -m distsr.evaluate --lq LR_DIR --gt HR_DIR ...     # LR/HR pairs matched by file stem
     python -m distsr.evaluate --lq LR_DIR ...                 # no gt: no-reference metrics only
+    python -m distsr.evaluate --student RUN --teacher RUN     # held-out photos, as the demo
 
-With only ``--gt``, lq is made from each HR image (cropped to a multiple of the scale) by the
-configured degradation (``--degradation bicubic|realesrgan`` or ``--degradation-config YAML``
-holding a ``DegradationConfig``) with the seed ``stable_seed(--seed, stem)``, so every run sees
-the same lq. Predictors: bicubic always, the one-step student (``--student``) and the T-step
-teacher (``--teacher``) when given. Metrics: see ``distsr.evaluate.metrics`` (PSNR/SSIM on Y of
-YCbCr; learned ones only when their weight files are on disk, never downloaded). sr is rounded to
-8 bits before it is scored, as saved images are.
+Without ``--gt`` and ``--lq`` the HR images are the demo's: centre crops (128^2) of the held-out
+bundled photos (``bundled:eval``, which no shard of ``inputs=[bundled]`` is made from), written
+to ``OUT/eval_hr``. With only ``--gt``, lq is made from each HR image (cropped to a multiple of
+the scale) by the configured degradation (``--degradation bicubic|realesrgan`` or
+``--degradation-config YAML`` holding a ``DegradationConfig``) with the seed
+``stable_seed(--seed, stem)``, so every run sees the same lq. Predictors: bicubic always,
+the one-step student (``--student``) and the T-step teacher (``--teacher``) when given. Metrics:
+see ``distsr.evaluate.metrics`` (PSNR/SSIM on Y of YCbCr; learned ones only when their weight
+files are on disk, never downloaded). sr is rounded to 8 bits before it is scored, as saved
+images are.
 
 Outputs in ``--out``: ``report.md``, ``metrics.json``, ``grids/<image>.png`` (lq | bicubic |
 teacher | student | gt, and a zoomed crop row). Efficiency: parameters, sampling steps, seconds
@@ -263,11 +267,23 @@ def lq_only(lq_dir):
 # ---------------------------------------------------------------- command line
 
 
+def held_out(out: Path) -> Path:
+    """The demo's HR images: centre crops (its default ``eval_size``) of the held-out bundled
+    photos, which no shard of ``inputs=[bundled]`` is made from, written to ``out/eval_hr``."""
+    from distsr.demo import DemoConfig, held_out_photos
+
+    size = DemoConfig.eval_size
+    folder = held_out_photos(out / "eval_hr", size)
+    print(f"no --gt or --lq: HR images are {size}^2 crops of the held-out photos in {folder}")
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m distsr.evaluate", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--gt", help="folder of HR images (alone: lq made by --degradation)")
+    p.add_argument("--gt", help="folder of HR images (alone: lq made by --degradation; "
+                   "without --lq: OUT/eval_hr, crops of the held-out bundled photos)")  # fmt: skip
     p.add_argument("--lq", help="folder of LR images (with --gt: pairs by stem; alone: NR only)")
     p.add_argument("--out", default="eval", help="output folder (default: eval)")
     p.add_argument("--student", help="run folder (or weights file) of the one-step student")
@@ -344,7 +360,7 @@ def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.gt and not args.lq:
-        parser.error("give --gt (HR folder), --lq (LR folder) or both")
+        args.gt = str(held_out(Path(args.out)))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictors, scale = _predictors(args, device)
     info = {"scale": scale, "seed": args.seed, "device": str(device)}
