@@ -20,6 +20,7 @@ from distsr.engine.ema import EMA
 from distsr.engine.export import export_weights
 from distsr.recipes.tadsr import TadsrRecipe
 from distsr.runconfig import load_run_config
+from tests.test_engine_units import _Scalar
 from tests.ulps import assert_close_ulps
 
 DECAY = 0.75
@@ -138,15 +139,6 @@ def test_tadsr_clips_the_student_only_in_the_deepspeed_config():
     assert run.engine.grad_clip == 1.0  # the shared config is left as it was
     with pytest.raises(ValueError, match="grad_clip: must be >= 0"):
         engine_config(run.engine, {"grad_clip": -1.0})
-
-
-class _Scalar(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(2))
-
-    def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        return (self.w * scale).sum()
 
 
 def test_real_engines_clip_the_student_and_not_the_discriminator():
