@@ -32,12 +32,7 @@ FIELDS = {"z0.npy", "z_gt.npy", "seed.npy"}  # a pixel-output cache sample (``de
 CORRUPT, CUT = 3, 9  # cache sample 3 gets a garbled z0.npy; the file ends inside sample 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

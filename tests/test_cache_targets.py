@@ -31,14 +31,8 @@ from distsr.teachers.source import CachedTeacher, LiveTeacher
 from tests.conftest import load_job
 from tests.test_teacher_cache import BATCH, TINY_UNET, rewrite, subset_shards, tar_keys, teacher_cfg
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The job and the live teacher run the same kernels on one thread (bit-equal targets)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the job and the live teacher run the same kernels on one thread (bit-equal targets)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinySR(nn.Module):

@@ -42,12 +42,7 @@ TINY_AGG = DCTSwinConfig(channels=8, blocks=1, layers=2, window=8, heads=2)
 TINY_STUDENT = StudentConfig("edsr", "baseline", kwargs={"num_feat": 8, "num_block": 2})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_net(net, path: Path) -> str:

@@ -30,13 +30,7 @@ from tests.test_evaluate import lq_tensor, photo_crop
 from tests.test_seesr_launch import path_overrides
 from tests.ulps import assert_close_ulps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "sr" / "seesr_tiny_config.json"
 STEPS = 3  # DDPM steps of the tiny teacher (official: 50)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The cache job and the live teacher run the same kernels on one thread (bit-equal)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
