@@ -91,7 +91,7 @@ def kd_commands(cfg: DemoConfig, param: Path) -> list[tuple[str, list[str], Path
          [py, "-m", "distsr.launch", "dtkd_srmdnf", "name=kd_student", f"output_dir={runs}",
           f"data.shards=[{shards}]", f"seed={cfg.seed}", f"scaling.num_workers={cfg.workers}",
           f"method.teacher.model_files=[{param}]", f"method.cache_dir={cache_dir}",
-          f"engine.max_steps={cfg.kd_steps}", f"method.ramp.end_step={cfg.kd_steps}"],
+          f"engine.max_steps={cfg.kd_steps}"],  # the ramp ends at max_steps
          runs / "kd_student" / "export" / "student_ema.safetensors"),
     ]  # fmt: skip
 

@@ -55,7 +55,8 @@ class RunConfig:
 def parse_run_config(data: dict, source: str = "run config") -> RunConfig:
     """A run config mapping -> ``RunConfig`` whose ``method`` is built by the recipe's own
     ``Config`` dataclass; every problem of both levels is raised together in one ``ConfigError``
-    (errors in the recipe's section are named ``method.<key>``)."""
+    (errors in the recipe's section are named ``method.<key>``). A method config with a
+    ``complete(run)`` fills there the defaults it derives from the other sections."""
     problems: list[tuple[str, str]] = []
     if not isinstance(data.get("method") or {}, dict):
         problems.append(("method", f"expected a mapping, got {data['method']!r}"))
@@ -66,6 +67,8 @@ def parse_run_config(data: dict, source: str = "run config") -> RunConfig:
         method = collect(get_recipe(recipe).Config, data.get("method"), "method", problems)
     raise_problems(problems, source)
     cfg.method = method
+    if hasattr(method, "complete"):  # defaults a recipe derives from the rest of the run
+        method.complete(cfg)
     return cfg
 
 

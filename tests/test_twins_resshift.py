@@ -63,7 +63,10 @@ def latent_cache(resshift_parts, twin_shards, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def decoded_cache(resshift_parts, twin_shards, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("cache")
-    return resshift_cache(resshift_parts, twin_shards, out, "decode=true")
+    # the released DTKD config's header: decoded, with ResShift's stochastic sampler
+    return resshift_cache(
+        resshift_parts, twin_shards, out, "decode=true", "teacher.sampler=stochastic"
+    )
 
 
 def twin(name: str, tmp_path: Path, shards: Path, *extra: str) -> RunConfig:

@@ -170,8 +170,7 @@ def variant_method(cfg: BenchKDConfig, variant: str, kd_cache: str, kd_teacher: 
     if variant == "mtkd":
         cache_dir, teacher = mtkd
         return "mtkd", {**base, "teacher": teacher, "cache_dir": cache_dir,
-                        "kd_loss": {"name": "bandwise", "levels": 1},
-                        "task_weight": 1.0, "kd_weight": 0.1}  # fmt: skip
+                        "kd_loss": {"name": "bandwise", "levels": 1}}  # Eq. 4 weights: defaults
     method = {**base, "teacher": kd_teacher, "cache_dir": kd_cache}
     if variant == "l1":  # the same recipe with lambda = 0: L = L_task
         method |= {"kd_loss": {"name": "l1"}, "ramp": {"lambda_max": 0.0, "end_step": 1}}

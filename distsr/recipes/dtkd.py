@@ -43,6 +43,11 @@ class DtkdConfig(SourceConfig):
     kd_loss: KDLossConfig = field(default_factory=KDLossConfig)  # grouped, J = 2, 1/2/1
     ramp: RampConfig = field(default_factory=RampConfig)
 
+    def complete(self, run) -> None:
+        """N defaults to the run's length: the ramp ends at ``engine.max_steps`` unless set."""
+        if self.ramp.end_step is None:
+            self.ramp.end_step = run.engine.max_steps
+
 
 class DtkdRecipe(KDRecipe):
     Config = DtkdConfig

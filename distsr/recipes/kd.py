@@ -74,11 +74,11 @@ class RampConfig:
     """lambda(i) = lambda_max * min(i, end_step) / end_step (DTKD Sec. 3.5, METHODS.md §3)."""
 
     lambda_max: float = 1.0  # lambda_final
-    end_step: int = 1  # N: the step at which lambda reaches lambda_max (the run's total)
+    end_step: int | None = None  # N, where lambda reaches lambda_max; None: engine.max_steps
 
     def validate(self) -> list[tuple[str, str]]:
         problems = []
-        if self.end_step < 1:
+        if self.end_step is not None and self.end_step < 1:
             problems.append(("end_step", f"must be >= 1, got {self.end_step}"))
         if self.lambda_max < 0:
             problems.append(("lambda_max", f"must be >= 0, got {self.lambda_max}"))
@@ -87,6 +87,8 @@ class RampConfig:
 
 def linear_ramp(step: int, cfg: RampConfig) -> float:
     """0 at step 0, rising linearly to ``lambda_max`` at ``end_step``, constant after."""
+    if cfg.end_step is None:
+        raise ValueError("ramp.end_step is unset: the run config sets it to engine.max_steps")
     return cfg.lambda_max * min(max(step, 0), cfg.end_step) / cfg.end_step
 
 
