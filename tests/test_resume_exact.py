@@ -132,8 +132,9 @@ WS2 = [
     "engine.checkpoint.every_steps=4", "engine.preview_every=3", "engine.tensorboard=false",
     "data.num_workers=1", "data.shuffle=8",
 ]  # fmt: skip
+# ZeRO-1 is left out: it shares DeepSpeed's stage-1/2 optimizer and its checkpoint layout
+# with ZeRO-2 (the stage-1 round trip is in test_resume_loads_exactly_what_was_saved)
 WS2_CASES = {  # id -> config, overrides
-    "zero1": ("resshift_tiny", ["engine.zero_stage=1"]),
     "zero2": ("resshift_tiny", ["engine.zero_stage=2"]),
     "zero3": ("resshift_tiny", ["engine.zero_stage=3"]),
     "tadsr_zero3_teacher": ("tadsr_tiny", ["engine.zero_stage=3",

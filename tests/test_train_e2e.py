@@ -146,23 +146,6 @@ def test_worker_killed_while_checkpointing_resumes_from_the_previous_complete_on
     assert state["step"] == 4
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stage_runs_with_two_workers(ray_cluster, tiny_shards, tmp_path, stage):
-    cfg = load_run_config(
-        "resshift_tiny",
-        tiny_overrides(
-            tmp_path, tiny_shards, f"name=zero{stage}", f"engine.zero_stage={stage}",
-            "engine.max_steps=3", "engine.log_every=1", "engine.checkpoint.every_steps=3",
-        ),
-    )  # fmt: skip
-    final = run(cfg)
-    assert final["step"] == 3
-    assert ray_checkpoints(cfg.run_dir) == ["step_00000003"]
-    state = torch.load(cfg.run_dir / "step_00000003" / "client_state.pt", weights_only=False)
-    assert state["step"] == 3 and state["samples_seen"] == 3 * 4 * 2
-    assert "unet" in state["ema"]
-
-
 def test_in_process_run_resumes_and_keeps_ema(tiny_shards, tmp_path):
     """The resumed run continues the saved EMA: its shadow after step 5 is exactly the saved
     step-4 shadow moved towards the step-5 weights (a lost or rebuilt EMA fails this)."""
