@@ -54,8 +54,11 @@ def missing_file(key: str, path: str | None, what: str = "weights file") -> list
 
 
 def missing_dir(key: str, path: str | None, what: str = "folder") -> list[tuple[str, str]]:
-    """``missing_file`` for a configured folder (e.g. a teacher cache)."""
-    if path and not Path(path).expanduser().is_dir():
+    """``missing_file`` for a configured folder (e.g. a teacher cache; local or on object
+    storage, ``data.storage``)."""
+    from distsr.data import storage
+
+    if path and not storage.is_dir(path):
         return [MissingFile(key, f"{what} not found: {path}")]
     return []
 

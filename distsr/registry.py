@@ -30,8 +30,8 @@ JOB_CONFIGS: dict[str, str] = {
     "cache_teacher": "distsr.teachers.config:CacheJobConfig",
     "make_shards": "distsr.data.config:ShardsConfig",
     "demo": "distsr.demo:DemoConfig",
-    "bench_kd": "distsr.evaluate.bench_kd:BenchKDConfig",
-    "bench_compile": "distsr.engine.bench_compile:BenchCompileConfig",
+    "bench_kd": "distsr.bench.kd:BenchKDConfig",
+    "bench_compile": "distsr.bench.compile:BenchCompileConfig",
 }
 
 

@@ -25,6 +25,7 @@ from distsr.config import (
     resolve_config_path,
 )
 from distsr.config import to_dict as to_plain
+from distsr.data import storage
 from distsr.data.config import DataConfig
 from distsr.engine.config import DebugConfig, EngineConfig, ScalingConfig
 from distsr.registry import RECIPES, get_recipe
@@ -35,7 +36,7 @@ class RunConfig:
     name: str
     recipe: str
     seed: int = 0
-    output_dir: str = "runs"  # run folder = output_dir/name (shared storage on a cluster)
+    output_dir: str = "runs"  # run folder = output_dir/name (shared storage or s3://...)
     method: Any = None  # the recipe's typed config: an instance of RECIPES[recipe].Config
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -43,7 +44,18 @@ class RunConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
+    def run_url(self) -> str:
+        """The run folder where it is kept: a local path or an ``s3://`` URL."""
+        if storage.is_remote(self.output_dir):
+            return storage.join(self.output_dir, self.name)
+        return str(self.run_dir)
+
+    @property
     def run_dir(self) -> Path:
+        """The run folder this process works in: ``run_url`` itself when local, a temp copy of
+        it (``storage.staging_dir``, kept in step by ``storage.Mirror``) on object storage."""
+        if storage.is_remote(self.output_dir):
+            return storage.staging_dir(self.run_url)
         return Path(self.output_dir).expanduser().resolve() / self.name
 
     def validate(self):
@@ -150,6 +162,14 @@ def git_revision() -> str:
 
 def check_output_dir(cfg: RunConfig) -> None:
     """Fail before any work when the run folder cannot be written or its disk is nearly full."""
+    if storage.is_remote(cfg.run_url):
+        probe = storage.join(cfg.run_url, f".write_probe_{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"ok")
+            storage.remove(probe)
+        except OSError as err:
+            raise ValueError(f"output folder {cfg.run_url} is not writable: {err}") from None
+        return
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,15 +186,16 @@ def check_output_dir(cfg: RunConfig) -> None:
         )
 
 
-def write_run_record(cfg: RunConfig, argv: list[str] | None = None) -> Path:
-    """Write the resolved config, git revision and command line into the run folder."""
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def write_run_record(cfg: RunConfig, argv: list[str] | None = None) -> Path | str:
+    """Write the resolved config, git revision and command line into the run folder; returns
+    it (a URL on object storage)."""
     record = {
         "git_revision": git_revision(),
         "command": " ".join(argv if argv is not None else sys.argv),
         "cwd": os.getcwd(),
     }
-    (run_dir / "run.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    return run_dir
+    files = {"config.yaml": to_dict(cfg), "run.yaml": record}
+    for name, content in files.items():
+        text = yaml.safe_dump(content, sort_keys=False).encode()
+        storage.write_bytes(storage.join(cfg.run_url, name), text)
+    return cfg.run_url if storage.is_remote(cfg.run_url) else cfg.run_dir

@@ -13,152 +13,40 @@ ratio of steps per second next to the FLOP bound (torch's flop counter on one tr
 forward + backward, with each source). The two arms alternate ``repeats`` times; the report gives
 the median and the range (min, max) of each arm's steps/s and of the per-repeat ratio, since one
 run on a shared machine says little. Extra ``key=value`` pairs override the TAD-SR config.
+The logic lives in ``distsr.bench.cache``; this file adds the Ray caching.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling jobs
 
 import cache_teacher  # noqa: E402
-import make_shards  # noqa: E402
 
-from distsr import benchstats  # noqa: E402
-from distsr.config import CONFIG_DIR, apply_overrides, load_yaml  # noqa: E402
-from distsr.launch import run  # noqa: E402
-from distsr.models.resshift_unet import RESSHIFT_REALSR_X4_KWARGS, UNetModelSwin  # noqa: E402
-from distsr.models.vq import build_vq_f4  # noqa: E402
-from distsr.runconfig import load_run_config  # noqa: E402
-
-# per size: the TAD-SR config, its teacher's cache config, shard options, run overrides
-SIZES = {
-    "tiny": ("tadsr_tiny", "cache_resshift_tiny", {"crop_size": 32}, []),
-    "full": ("tadsr_resshift", "cache_resshift_realsr_x4",
-             {"crop_size": 256, "crop_mode": "random", "random_crops": 1},
-             ["data.batch_size=1", "data.num_workers=0", "data.shuffle=8",
-              "engine.precision=fp32"]),
-}  # fmt: skip
+from distsr.bench.cache import bench_cache, parse  # noqa: E402
+from distsr.bench.cli import BenchJob  # noqa: E402
+from distsr.config import CONFIG_DIR  # noqa: E402
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"size": "tiny", "steps": 30, "crop_size": None, "repeats": 3,
-            "out": "runs/bench_cache"}  # fmt: skip
-    own = [a for a in argv if a.split("=")[0] in opts]
-    opts = apply_overrides(opts, own)
-    if opts["size"] not in SIZES:
-        raise SystemExit(f"size must be one of {sorted(SIZES)}, got {opts['size']!r}")
-    shard_opts = dict(SIZES[opts["size"]][2])
-    if opts["crop_size"] is not None:
-        shard_opts["crop_size"] = opts["crop_size"]
-    opts["shards"] = shard_opts
-    return opts, [a for a in argv if a not in own]
-
-
-def random_teacher(out: Path, size: str) -> list[str]:
-    """Random-weight teacher files of ``size``; overrides pointing a teacher section at them."""
-    torch.manual_seed(0)
-    unet_file = out / "teacher_unet.safetensors"
-    if size == "tiny":
-        kwargs = load_yaml(CONFIG_DIR / "tadsr_tiny.yaml")["method"]["teacher"]["unet"]
-    else:
-        kwargs = RESSHIFT_REALSR_X4_KWARGS  # the released real-SR x4 UNet
-    if not unet_file.exists():
-        unet = UNetModelSwin(**kwargs)
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(unet_file))
-    overrides = [f"unet_checkpoint={unet_file}"]
-    if size == "full":  # VQ-f4 with random weights (its loader also takes diffusers names)
-        vq_file = out / "autoencoder_vq_f4.pth"
-        if not vq_file.exists():
-            torch.save(build_vq_f4().state_dict(), vq_file)
-        overrides.append(f"autoencoder.checkpoint={vq_file}")
-    return overrides
-
-
-def prepare(out: Path, opts: dict) -> tuple[Path, list[str], Path]:
-    shards = out / "shards"
-    if not (shards / "manifest.json").exists():
-        crop = opts["shards"]["crop_size"]
-        make_shards.main(["inputs=[bundled]", f"output={shards}", f"stride={crop * 4}",
-                          *(f"{k}={v}" for k, v in opts["shards"].items())])  # fmt: skip
-    teacher = random_teacher(out, opts["size"])
-    cache_cfg = SIZES[opts["size"]][1]
-    summary = cache_teacher.main([str(CONFIG_DIR / f"{cache_cfg}.yaml"),
+def cache_with_ray(config: str, teacher: list[str], shards: Path, output: Path) -> Path:
+    """The teacher cache job (``jobs/cache_teacher.py``: two Ray actors, CPU)."""
+    summary = cache_teacher.main([str(CONFIG_DIR / f"{config}.yaml"),
                                   *(f"teacher.{o}" for o in teacher), f"shards=[{shards}]",
-                                  f"output={out / 'cache'}", "num_actors=2", "use_gpu=false",
+                                  f"output={output}", "num_actors=2", "use_gpu=false",
                                   "cpus_per_actor=1", "batch_size=2"])  # fmt: skip
-    return shards, teacher, Path(summary["cache_dir"])
+    return Path(summary["cache_dir"])
 
 
-def step_flops(cfg) -> float:
-    """FLOPs of one TAD-SR training step (all updates, forward + backward), plain PyTorch."""
-    from distsr.registry import get_recipe
-
-    recipe = get_recipe("tadsr")(cfg.method, device=torch.device("cpu"))
-    recipe.bind(recipe.trainable())
-    batch = next(iter(recipe.make_loader(cfg.data, rank=0, world_size=1, steps=1, seed=0)))
-    with FlopCounterMode(display=False) as counter:
-        for update in recipe.training_step(batch, 0):
-            update.loss.backward()
-    return float(counter.get_total_flops())
-
-
-def timed_run(cfg) -> float:
-    # measured afresh every time: an earlier bench's run folder would resume at its last step
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    final = run(cfg)
-    print(f"[bench] {cfg.name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
-    return 1.0 / final["step_time"]
-
-
-def spread(values: list[float]) -> dict:
-    """Median and range of repeated measurements, and each of them."""
-    return benchstats.spread(values) | {"all": [round(v, 4) for v in values]}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    opts, overrides = parse(sys.argv[1:] if argv is None else argv)
-    out = Path(opts["out"]).resolve()
-    shards, teacher, cache_dir = prepare(out, opts)
-    config, _, _, size_overrides = SIZES[opts["size"]]
-    base = [f"output_dir={out / 'runs'}", f"data.shards=[{shards}]", "scaling.ray=false",
-            "scaling.num_workers=1", "engine.zero_stage=0", f"engine.max_steps={opts['steps']}",
-            f"engine.log_every={opts['steps']}", "engine.checkpoint.every_steps=100000",
-            "engine.preview_every=0", *size_overrides,
-            *(f"method.teacher.{o}" for o in teacher), *overrides]  # fmt: skip
-    cached = load_run_config(config, [*base, "name=cached", f"method.cache_dir={cache_dir}"])
-    live = load_run_config(config, [*base, "name=live", "method.cache_dir=null"])
-    runs = {"cached": [], "live": []}
-    for _ in range(opts["repeats"]):  # alternate the arms so drifts of the machine hit both
-        runs["cached"].append(timed_run(cached))
-        runs["live"].append(timed_run(live))
-    ratios = [c / v for c, v in zip(runs["cached"], runs["live"])]
-    result = {
-        "steps_per_s_cached": spread(runs["cached"]),
-        "steps_per_s_live": spread(runs["live"]),
-        "speedup": spread(ratios),
-        "repeats": opts["repeats"],
-        "flops_per_step_cached": step_flops(cached),
-        "flops_per_step_live": step_flops(live),
-        "batch_size": cached.data.batch_size,
-        "size": opts["size"],
-        "crop_size": opts["shards"]["crop_size"],
-        "teacher_steps": cached.method.teacher.schedule.steps,
-    }
-    result["flop_bound"] = result["flops_per_step_live"] / result["flops_per_step_cached"]
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+def show(_parsed: tuple, result: dict) -> None:
     print(json.dumps(result, indent=1))
-    return result
 
+
+JOB = BenchJob(__doc__, parse, lambda parsed: bench_cache(*parsed, cache_with_ray), show,
+               log_level=None)  # fmt: skip
+main = JOB.main
 
 if __name__ == "__main__":
-    main()
+    JOB.run()

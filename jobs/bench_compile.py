@@ -4,7 +4,7 @@
     python jobs/bench_compile.py [CONFIG.yaml] [key=value ...]
     python jobs/bench_compile.py config=resshift_tiny steps=20 repeats=3 output=runs/bench_compile
 
-Keys are ``distsr.engine.bench_compile.BenchCompileConfig`` fields (``config``: the run config
+Keys are ``distsr.bench.compile.BenchCompileConfig`` fields (``config``: the run config
 whose student is timed; ``overrides``: its key=value changes, e.g. ``overrides=[data.batch_size=16,
 engine.precision=bf16]``). Prints the table (median and range over the interleaved repeats) and
 writes ``OUTPUT/bench_compile.md`` and ``OUTPUT/bench_compile.json``.
@@ -12,30 +12,20 @@ writes ``OUTPUT/bench_compile.md`` and ``OUTPUT/bench_compile.json``.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from distsr.config import load_job_config
-from distsr.engine.bench_compile import BenchCompileConfig, bench_compile
+from distsr.bench.cli import BenchJob, keys_of
+from distsr.bench.compile import BenchCompileConfig, bench_compile
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return {}
-    summary = bench_compile(load_job_config(BenchCompileConfig, argv))
+def show(_cfg: BenchCompileConfig, summary: dict) -> None:
     student = summary["student"]
     print(f"{summary['machine']}; student {student['engine']} of {student['recipe']} "
           f"({student['parameters'] / 1e6:.3f} M parameters), batch {student['batch_size']}, "
           f"{student['precision']}")  # fmt: skip
     print(summary["table"])
-    return summary
 
+
+JOB = BenchJob(__doc__, keys_of(BenchCompileConfig), bench_compile, show)
+main = JOB.main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    JOB.run()

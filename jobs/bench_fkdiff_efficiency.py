@@ -11,32 +11,16 @@ and FKdiff-S pipelines (CFE_R + T-step prior sampling + restorer, random weights
 
 from __future__ import annotations
 
-import sys
-
-from distsr.config import load_job_config
-from distsr.evaluate.efficiency import (
-    PAPER_TABLE2,
-    EfficiencyConfig,
-    fasrer_width_for,
-    fkdiff_param_counts,
-    fkdiff_table,
-    markdown,
-)
+from distsr.bench.cli import BenchJob, keys_of
+from distsr.bench.fkdiff_efficiency import EfficiencyConfig, bench_fkdiff_efficiency, report
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return []
-    cfg = load_job_config(EfficiencyConfig, argv)
-    rows = fkdiff_table(cfg)
-    print(markdown(rows, cfg, fkdiff_param_counts()))
-    paper = PAPER_TABLE2["FKdiff"][0]
-    print(f"FASRer_S width whose FKdiff-S pipeline is closest to the paper's {paper}M: "
-          f"{fasrer_width_for(paper * 1e6)} (presets use 64)")  # fmt: skip
-    return rows
+def show(cfg: EfficiencyConfig, rows: list[dict]) -> None:
+    print(report(cfg, rows))
 
+
+JOB = BenchJob(__doc__, keys_of(EfficiencyConfig), bench_fkdiff_efficiency, show, log_level=None)
+main = JOB.main
 
 if __name__ == "__main__":
-    main()
+    JOB.run()

@@ -4,7 +4,7 @@
     python jobs/bench_infer.py size=full lq_size=64 repeats=3 output=runs/bench_infer_full
     python jobs/bench_infer.py size=full device=cuda
 
-Keys are ``distsr.evaluate.bench_infer.BenchInferConfig`` fields (``size`` tiny|full, ``arms``
+Keys are ``distsr.bench.infer.BenchInferConfig`` fields (``size`` tiny|full, ``arms``
 from student, teacher, student_tiled, teacher_tiled, ``tile``/``overlap`` in lq pixels,
 ``repeats`` interleaved rounds, ``device``). Random weights. Writes ``OUTPUT/bench_infer.md``
 (the table) and ``OUTPUT/bench_infer.json`` (every timing).
@@ -12,26 +12,18 @@ from student, teacher, student_tiled, teacher_tiled, ``tile``/``overlap`` in lq 
 
 from __future__ import annotations
 
-import sys
-
-from distsr.config import load_job_config
-from distsr.evaluate.bench_infer import BenchInferConfig, bench_infer
+from distsr.bench.cli import BenchJob, keys_of
+from distsr.bench.infer import BenchInferConfig, bench_infer
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return {}
-    result = bench_infer(load_job_config(BenchInferConfig, argv))
+def show(_cfg: BenchInferConfig, result: dict) -> None:
     print(f"{result['machine']}, {result['date']}: UNet {result['unet_params'] / 1e6:.1f} M, "
           f"{result['teacher_steps']} steps, lq {result['lq']} -> sr {result['sr']}")  # fmt: skip
     print(result["table"])
-    return result
 
+
+JOB = BenchJob(__doc__, keys_of(BenchInferConfig), bench_infer, show, log_level=None)
+main = JOB.main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    JOB.run()

@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 
+from distsr.data import storage
 from distsr.data.cache import TeacherCache, shard_names
 from distsr.data.reader import list_shards
 from distsr.launch import ray_session
@@ -47,9 +48,12 @@ def start_actors(cfg: CacheJobConfig, count: int) -> list:
 
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ValueError("use_gpu=true but the Ray cluster has no GPU; set use_gpu=false")
+    on_s3 = any(storage.is_remote(u) for u in [cfg.output, *cfg.shards])
+    env = storage.worker_env() if on_s3 else {}  # s3://: the endpoint and credentials
     remote = ray.remote(ShardWorker).options(
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, max_restarts=0
-    )
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, max_restarts=0,
+        **({"runtime_env": {"env_vars": env}} if env else {}),
+    )  # fmt: skip
     threads = 0 if cfg.use_gpu else max(1, int(cfg.cpus_per_actor))
     return [remote.remote(cfg, None, threads) for _ in range(count)]
 

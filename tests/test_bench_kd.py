@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from distsr.bench.kd import VARIANTS
 from distsr.data.config import DegradationConfig
-from distsr.evaluate.bench_kd import VARIANTS
 from distsr.evaluate.cli import hr_pairs
 from distsr.inference.predictors import load_predictor
 from distsr.inference.sr_predictor import SRNet

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distsr.data.bench_loader import BenchLoaderConfig, bench_loader
+from distsr.bench.loader import BenchLoaderConfig, bench_loader
 from distsr.data.config import DataConfig
 from distsr.data.reader import make_train_loader
 from tests.conftest import load_job

@@ -103,8 +103,8 @@ def test_in_channels_last_keeps_the_modules_outside_nchw():
 
 
 def test_the_benchmark_times_every_arm_side_by_side(tiny_shards, tmp_path):
+    from distsr.bench.compile import BenchCompileConfig, bench_compile
     from distsr.config import from_dict
-    from distsr.engine.bench_compile import BenchCompileConfig, bench_compile
 
     (tmp_path / "shards").symlink_to(tiny_shards)  # the bench's data, already written
     job = {"output": str(tmp_path), "arms": ["plain", "channels_last"], "steps": 2, "warmup": 1,

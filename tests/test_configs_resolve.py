@@ -14,7 +14,9 @@ from tests.conftest import ROOT, load_job
 # "configs/NAME.yaml" or "python -m distsr.launch NAME"; our config names are lowercase snake case
 # (they are launch names), which skips placeholders (CONFIG) and other repositories' files
 # (the official code's "configs/TAD-SR.yaml"); a twin is named by its folder ("twins/tadsr_seesr")
-NAMED = re.compile(r"configs/([a-z0-9_/]+\.ya?ml)\b|distsr\.launch\s+([a-z0-9_]+(?:/[a-z0-9_]+)*)\b")
+NAMED = re.compile(
+    r"configs/([a-z0-9_/]+\.ya?ml)\b|distsr\.launch\s+([a-z0-9_]+(?:/[a-z0-9_]+)*)\b"
+)
 
 # configs with a required value left blank for the user (their comment says what to pass)
 REQUIRED = {"cache_resshift_tiny.yaml": ["teacher.unet_checkpoint=weights/unet.safetensors"]}

@@ -25,7 +25,9 @@ one the cache shard was made from, though the name is the same: the manifest rec
 shard's size, the fingerprint of its shard folder (``manifest.json`` of ``make_shards``) and its
 sha256. At the start of training the size is compared, then the shard-folder fingerprint when
 both have one (cheap; equal fingerprints mean the same deterministic shard bytes); otherwise the
-shard file is hashed. Remote shards (``pipe:``, ``http://``...) are checked by name only.
+shard file is hashed. Input shards and the cache may be on object storage (``s3://``, see
+``data.storage``: checked the same way); other remote shards (``pipe:``, ``http://``...) are
+checked by name only.
 
 **Draws.** ``draws: K`` stores K trajectories per crop, from K different z_T; training picks one
 per step and sample (``teachers.source.CachedTeacher``). The cache job's cost and the cache's size
@@ -41,9 +43,7 @@ by ``__key__`` before the shuffle, and batches carry ``batch["cache"]``.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distsr.data import storage
 from distsr.data.reader import SkipCounter, collate, iter_samples
 from distsr.data.shards import AtomicTarWriter, write_json_atomic
 from distsr.fingerprint import fingerprint_of, parts_differ
@@ -67,8 +68,8 @@ FieldsFn = Callable[[dict], dict]  # batch -> {output: [B, K, ...], z_gt/stored:
 # ---------------------------------------------------------------- folder, names, metadata
 
 
-def cache_dir_for(root: str | Path, fingerprint: str) -> Path:
-    return Path(root).expanduser() / fingerprint
+def cache_dir_for(root: str | Path, fingerprint: str) -> Path | str:
+    return storage.child(root, fingerprint)
 
 
 def shard_name(url: str) -> str:
@@ -89,11 +90,7 @@ def shard_names(urls: Sequence[str]) -> list[str]:
     return names
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+read_json = storage.read_json  # None when the file does not exist
 
 
 # ---------------------------------------------------------------- input shard identity
@@ -102,26 +99,21 @@ def read_json(path: Path) -> dict | None:
 def input_identity(url: str, content: bool = True) -> dict:
     """What identifies input shard ``url``'s content: ``{url, bytes, shards_fingerprint (the
     fingerprint in the shard folder's manifest.json, if it lists this shard), sha256 (with
-    content)}``; a remote url: ``{url}`` only."""
-    path = Path(url).expanduser()
-    if not path.is_file():
+    content)}``; a url that is not a file here or on object storage: ``{url}`` only."""
+    size = storage.size(url)
+    if size is None:
         return {"url": url}
-    identity = {"url": url, "bytes": path.stat().st_size}
-    folder = read_json(path.parent / MANIFEST) or {}
+    identity = {"url": url, "bytes": size}
+    folder = read_json(storage.join(storage.parent(url), MANIFEST)) or {}
     listed = {s.get("name") for s in folder.get("shards", []) if isinstance(s, dict)}
-    if folder.get("fingerprint") and path.name in listed:
+    if folder.get("fingerprint") and storage.name(url) in listed:
         identity["shards_fingerprint"] = folder["fingerprint"]
     if content:
-        identity["sha256"] = file_sha256(path)
+        identity["sha256"] = file_sha256(url)
     return identity
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = storage.sha256
 
 
 def same_input(recorded: dict, url: str) -> tuple[bool, dict]:
@@ -135,7 +127,7 @@ def same_input(recorded: dict, url: str) -> tuple[bool, dict]:
     fingerprint = recorded.get("shards_fingerprint")
     if fingerprint and fingerprint == now.get("shards_fingerprint"):
         return True, now
-    now["sha256"] = file_sha256(Path(url).expanduser())
+    now["sha256"] = file_sha256(url)
     return recorded.get("sha256") == now["sha256"], now
 
 
@@ -163,8 +155,8 @@ class TeacherCache:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        info = read_json(self.path / TEACHER_JSON)
+        self.path = path if storage.is_remote(path) else Path(path).expanduser()
+        info = read_json(storage.child(self.path, TEACHER_JSON))
         if info is None:
             raise ValueError(
                 f"{path} is not a teacher cache: {TEACHER_JSON} is missing (jobs/cache_teacher.py "
@@ -187,6 +179,12 @@ class TeacherCache:
         return f"TeacherCache({str(self.path)!r})"
 
     @property
+    def image_space(self) -> bool:
+        """Whether the cached outputs and z_gt are images (so ``data.augment`` may flip/rotate
+        them with lq and gt): see ``image_space_parts``."""
+        return image_space_parts(self.parts)
+
+    @property
     def fields(self) -> tuple[str, ...]:
         """Every float16 field of a sample: the outputs ([K, ...]), z_gt and the stored cond."""
         return (*self.outputs, GT, *self.stored)
@@ -206,14 +204,13 @@ class TeacherCache:
         an existing one must hold this teacher's outputs with the same noise seed and draws."""
         fingerprint = fingerprint_of(parts)
         path = cache_dir_for(root, fingerprint)
-        path.mkdir(parents=True, exist_ok=True)
         outputs, stored = list(outputs), list(stored)
         check_field_names([*outputs, GT, *stored])
-        if not (path / TEACHER_JSON).exists():
+        if not storage.exists(storage.child(path, TEACHER_JSON)):
             info = {"format": FORMAT, "fingerprint": fingerprint, "parts": parts,
                     "noise_seed": noise_seed, "draws": draws, "outputs": outputs,
                     "stored": stored, "fields": [*outputs, GT, *stored]}  # fmt: skip
-            write_json_atomic(path / TEACHER_JSON, info)
+            write_json_atomic(storage.child(path, TEACHER_JSON), info)
         cache = cls(path).check_parts(parts)
         cache.check_fields(outputs, stored)
         for key, value in (("noise_seed", noise_seed), ("draws", draws)):
@@ -252,15 +249,16 @@ class TeacherCache:
     # ---- which shards -----------------------------------------------------------------------
     def manifest(self) -> dict:
         """``manifest.json`` as it is now (the job updates it after every shard)."""
-        return read_json(self.path / MANIFEST) or {"shards": {}}
+        return read_json(storage.child(self.path, MANIFEST)) or {"shards": {}}
 
     def finished(self) -> dict[str, dict]:
         """Shards listed in the manifest whose file exists (a rename precedes the listing)."""
         shards = self.manifest().get("shards", {})
-        return {name: e for name, e in shards.items() if (self.path / name).is_file()}
+        present = set(storage.listdir(self.path))
+        return {name: e for name, e in shards.items() if name in present}
 
-    def shard_path(self, url: str) -> Path:
-        return self.path / shard_name(url)
+    def shard_path(self, url: str) -> Path | str:
+        return storage.child(self.path, shard_name(url))
 
     def input_problems(self, urls: Sequence[str], done: dict[str, dict]) -> list[str]:
         """One line per url whose finished cache shard was made from other content."""
@@ -328,11 +326,14 @@ class TeacherCache:
         manifest.update(fingerprint=self.fingerprint, noise_seed=self.noise_seed, draws=self.draws)
         manifest.setdefault("shards", {})[name] = entry
         manifest["samples"] = sum(s["samples"] for s in manifest["shards"].values())
-        write_json_atomic(self.path / MANIFEST, manifest)
+        write_json_atomic(storage.child(self.path, MANIFEST), manifest)
         return manifest
 
     def remove_temp_files(self) -> list[str]:
-        """Delete leftovers of interrupted writers (``*.tmp``); returns their names."""
+        """Delete leftovers of interrupted writers (``*.tmp``); returns their names (none on
+        object storage: an interrupted upload leaves no object)."""
+        if storage.is_remote(self.path):
+            return []
         stale = sorted(self.path.glob("*.tmp"))
         for path in stale:
             path.unlink(missing_ok=True)
@@ -370,6 +371,19 @@ class TeacherCache:
             members[f"{name}.npy"] = _npy_bytes(fields[name][i], np.float16)
         members[f"{SEED}.npy"] = _npy_bytes(fields[SEED][i], np.int64)
         return members
+
+
+def image_space_parts(parts: dict) -> bool:
+    """Teacher fingerprint parts whose outputs are images: regression nets, the MTKD aggregated
+    teacher, several of them (``multi``), and ResShift or regression decoded to pixels (DTKD;
+    its stored ``z_y`` is the VQ-f4 latent of lq, laid out like lq, which the output-KD recipes
+    do not read). Latent diffusion (resshift, seesr) and FKdiff caches are not."""
+    kind = parts.get("kind")
+    if kind == "multi":
+        return all(image_space_parts(p) for p in parts["teachers"].values())
+    if kind == "pixels":
+        return parts["teacher"].get("kind") in ("resshift", "regression")
+    return kind in ("regression", "aggregated")
 
 
 def check_field_names(names: Sequence[str]) -> None:

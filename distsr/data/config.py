@@ -130,9 +130,25 @@ def _check_range(key, pair, positive):
 
 
 @dataclass
+class AugmentConfig:
+    """Random flips and rotations of each training sample (``distsr.data.augment``): BasicSR's
+    ``use_hflip`` (``hflip``) and ``use_rot`` (``rot90``: vertical flip and transpose), applied
+    alike to lq, gt and the sample's pixel-space teacher-cache targets. Both on: the 8 dihedral
+    transforms, uniformly (MTKD, paper 004 Sec. 4.2). Off by default."""
+
+    hflip: bool = False
+    rot90: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.hflip or self.rot90
+
+
+@dataclass
 class DataConfig:
     """The training reader (``distsr.data.reader``): resampled WebDataset shards, a shuffle
-    buffer, an optional paired random crop and batching, per rank and DataLoader worker."""
+    buffer, an optional paired random crop, optional flips/rotations (``augment``) and
+    batching, per rank and DataLoader worker."""
 
     shards: list[str] = field(default_factory=list)  # dirs, globs or brace patterns of .tar files
     batch_size: int = 4  # micro-batch per rank
@@ -140,6 +156,7 @@ class DataConfig:
     shuffle: int = 64  # shuffle buffer (samples); 0 = no shuffling
     gt_size: int | None = None  # random-crop gt (and the aligned lq) to this size; None = as stored
     scale: int = 4  # gt size / lq size of the shards
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self):
         problems = []

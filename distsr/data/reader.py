@@ -10,14 +10,15 @@ pass no two readers (of any rank or worker) read the same shard, every shard is 
 pass, and the stream is a pure function of (seed, position): nothing is drawn with replacement.
 
 Shuffling is by blocks: a reader's samples are cut into consecutive blocks of ``shuffle``
-samples, each permuted by a seed of (seed, rank, slot, block); each sample's crop has its own
-seed too. A reader's position is therefore four integers, ``{read, offset, block, taken}``:
-block ``block`` starts at sample ``offset`` of shard read ``read`` and ``taken`` of its samples
-have been yielded. ``TrainLoader.state_dict()`` holds every reader's position after the last
-batch handed out; ``make_train_loader(..., state=...)`` continues exactly there (it re-reads at
-most one shard prefix and one block, decoding nothing it skips). A state saved under another
-layout (world size, workers, shard count or shuffle size) cannot continue: the reader then
-warns and starts fresh streams seeded by ``start_step``, as does a resume without a state.
+samples, each permuted by a seed of (seed, rank, slot, block); each sample's crop and its
+flips/rotations (``data.augment``) have their own seeds too. A reader's position is therefore
+four integers, ``{read, offset, block, taken}``: block ``block`` starts at sample ``offset`` of
+shard read ``read`` and ``taken`` of its samples have been yielded.
+``TrainLoader.state_dict()`` holds every reader's position after the last batch handed out;
+``make_train_loader(..., state=...)`` continues exactly there (it re-reads at most one shard
+prefix and one block, decoding nothing it skips). A state saved under another layout (world
+size, workers, shard count or shuffle size) cannot continue: the reader then warns and starts
+fresh streams seeded by ``start_step``, as does a resume without a state.
 
 Corrupt data (an unreadable or truncated shard, an undecodable PNG, a missing field) is
 skipped with one warning per shard/sample naming the shard url and key. Each skip is counted in
@@ -36,10 +37,13 @@ sample missing from the cache is skipped and counted if it is corrupt (the cache
 too) or if its cache shard ends before it (truncated, or unreadable from there on: each input
 sample left without its entry is counted, so ``skipped`` is the number of samples lost);
 otherwise the pairing is wrong and a ``ValueError`` names both shard urls and both keys.
+``data.augment`` flips/rotates lq, gt and the cached targets alike after the join (decode stage);
+a latent-space cache refuses it (module ``distsr.data.augment`` says why).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import io
@@ -59,16 +63,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from distsr.config import ConfigError
-from distsr.data.config import DataConfig
+from distsr.data import storage
+from distsr.data.augment import augment_sample, draw
+from distsr.data.config import AugmentConfig, DataConfig
 from distsr.data.imageio import to_tensor
 from distsr.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 FIELDS = ("gt.png", "lq.png", "meta.json")
+storage.register_webdataset()  # s3:// shard urls
 
 
 def list_shards(patterns: str | Sequence[str]) -> list[str]:
-    """Shard urls from folders (their ``*.tar``), globs, brace patterns, files or remote urls
+    """Shard urls from folders (their ``*.tar``), globs, brace patterns, files, the same on
+    object storage (``s3://bucket/prefix``, ``data.storage``) or other remote urls
     (``pipe:``, ``http://``...: kept as given). Raises ``ValueError`` naming a pattern that
     matches nothing or a listed file that does not exist."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -84,6 +92,8 @@ def list_shards(patterns: str | Sequence[str]) -> list[str]:
 
 
 def _expand(pattern: str) -> list[str]:
+    if storage.is_remote(pattern):
+        return _expand_remote(pattern)
     if "://" in pattern or pattern.startswith("pipe:"):
         return list(wds.shardlists.expand_urls(pattern))
     found = []
@@ -95,6 +105,23 @@ def _expand(pattern: str) -> list[str]:
             found += sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
         elif path.exists():  # a file, or a named pipe that streams one
             found.append(str(path))
+        elif item != pattern:
+            raise ValueError(f"shard {item} (from pattern {pattern!r}) does not exist")
+    return found
+
+
+def _expand_remote(pattern: str) -> list[str]:
+    """``_expand`` on object storage: a folder's ``*.tar``, a glob in the last part, files."""
+    found = []
+    for item in wds.shardlists.expand_urls(pattern):
+        if any(c in storage.name(item) for c in "*?["):
+            folder = storage.parent(item)
+            found += [storage.join(folder, n) for n in storage.listdir(folder)
+                      if fnmatch.fnmatchcase(n, storage.name(item))]  # fmt: skip
+        elif storage.is_dir(item):
+            found += [storage.join(item, n) for n in storage.listdir(item) if n.endswith(".tar")]
+        elif storage.is_file(item):
+            found.append(item)
         elif item != pattern:
             raise ValueError(f"shard {item} (from pattern {pattern!r}) does not exist")
     return found
@@ -314,14 +341,17 @@ def _shuffle_blocks(src, plan: StreamPlan, counter: SkipCounter):
                 after = {"read": read1, "offset": offset1 + 1, "block": block + 1, "taken": 0}
             sample["__position__"] = (slot, after)
             sample["__crop_seed__"] = plan.seed_of(slot, "crop", block, order[k])
+            sample["__augment_seed__"] = plan.seed_of(slot, "augment", block, order[k])
             yield sample
         block, taken = block + 1, 0
 
 
-def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, cache=None):
+def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, cache=None,
+            augment: AugmentConfig | None = None):  # fmt: skip
     """Raw samples -> ``{__key__, __url__, gt, lq, meta}`` (float32 CHW in [0, 1]), plus
     ``cache`` (the decoded cache fields) when reading with a teacher cache. A random crop draws
-    from the sample's own ``__crop_seed__``."""
+    from the sample's own ``__crop_seed__``, the flips/rotations of ``augment`` (lq, gt and
+    cache alike, ``data.augment``) from its ``__augment_seed__``."""
     for sample in src:
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
@@ -339,6 +369,8 @@ def _decode(src, counter: SkipCounter, scale: int | None, gt_size: int | None, c
                "meta": meta}  # fmt: skip
         if cached is not None:
             out["cache"] = cached
+        if augment is not None and augment.enabled:
+            augment_sample(out, draw(augment, sample["__augment_seed__"]))
         if "__position__" in sample:
             out["__position__"] = sample["__position__"]
         yield out
@@ -475,6 +507,10 @@ def make_train_loader(
     urls = list_shards(cfg.shards)
     gt_size = cfg.gt_size
     if cache is not None:
+        if cfg.augment.enabled and not cache.image_space:
+            raise ConfigError([("data.augment", f"teacher cache {cache.path} holds latent-space "
+                                "targets, which flips/rotations of the image do not map onto: "
+                                "set data.augment.hflip/rot90=false")], "data config")  # fmt: skip
         cache.check_inputs(urls, gt_size)  # the same inputs; no random crop of cached targets
         gt_size = None
     slots = max(cfg.num_workers, 1)
@@ -493,7 +529,14 @@ def make_train_loader(
     stages = [functools.partial(_reads, plan=plan, counter=counter, cache=cache),
               functools.partial(_shuffle_blocks, plan=plan, counter=counter)]  # fmt: skip
     stages += [
-        functools.partial(_decode, counter=counter, scale=cfg.scale, gt_size=gt_size, cache=cache),
+        functools.partial(
+            _decode,
+            counter=counter,
+            scale=cfg.scale,
+            gt_size=gt_size,
+            cache=cache,
+            augment=cfg.augment,
+        ),
         functools.partial(_batch, counter=counter, batch_size=cfg.batch_size, cache=cache),
     ]
     dataset = wds.DataPipeline(*stages).with_epoch(nbatches=math.ceil(steps / slots))

@@ -8,10 +8,13 @@ interrupted job can be re-run and only re-creates what is missing, byte for byte
 * crops are planned from image sizes only (random crops draw from a seed per image); sample
   ``i`` of the plan is ``<image-key>_<crop-index>`` and goes into shard ``i // shard_size``;
 * each sample's degradation seed is ``stable_seed(cfg.seed, key)`` (a hash, not ``hash()``);
-* a shard is written to ``NAME.tar.tmp``, fsynced and renamed, so ``NAME.tar`` only exists
-  complete; ``manifest.json`` (written at the start with ``complete: false`` and atomically
-  replaced at the end) holds a fingerprint of the plan, so a re-run with a different config or
-  image set into the same folder is refused instead of mixing two plans.
+* a shard is written to ``NAME.tar.tmp``, fsynced and renamed (on object storage: uploaded
+  from a local temp file), so ``NAME.tar`` only exists complete; ``manifest.json`` (written
+  at the start with ``complete: false`` and atomically replaced at the end) holds a fingerprint
+  of the plan, so a re-run with a different config or image set into the same folder is
+  refused instead of mixing two plans.
+
+``output`` is a folder or an ``s3://bucket/prefix`` URL (``data.storage``); inputs are local.
 
 Unreadable images are logged (with their path), skipped, and listed in the manifest's
 ``bad_images``: those found while planning (header/CRC check) on every run, those that only
@@ -40,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from distsr.config import ConfigError, to_dict
+from distsr.data import storage
 from distsr.data.config import ShardsConfig
 from distsr.data.degradation import degrade
 from distsr.data.imageio import list_images
@@ -160,13 +164,17 @@ def fingerprint(cfg: ShardsConfig, crops: list[Crop]) -> str:
 
 class AtomicTarWriter:
     """``webdataset.TarWriter`` into ``NAME.tar.tmp``; on a clean exit: fsync, rename to
-    ``NAME.tar``; on an exception the temp file is removed. Fixed mtime: reproducible bytes."""
+    ``NAME.tar``; on an exception the temp file is removed. Fixed mtime: reproducible bytes.
+    A ``path`` on object storage is written to a local temp file, uploaded on a clean exit."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.url = path if storage.is_remote(path) else None
+        self.path = Path(storage.name(path)) if self.url else Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
 
     def __enter__(self) -> AtomicTarWriter:
+        if self.url:
+            self.tmp = storage.temp_file(".tar")
         self._file = open(self.tmp, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
         return self
@@ -181,29 +189,19 @@ class AtomicTarWriter:
             os.fsync(self._file.fileno())
         finally:
             self._file.close()
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
+        if exc_type is not None or self.url:
+            try:
+                if exc_type is None:
+                    storage.put_file(self.tmp, self.url)
+            finally:
+                self.tmp.unlink(missing_ok=True)
             return
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+fsync_dir = storage.fsync_dir
+write_json_atomic = storage.write_json  # a folder's file or an object, all or nothing
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -234,7 +232,7 @@ def cut_crops(path: str, crops: list[Crop], size: int) -> list[np.ndarray]:
     return gts
 
 
-def write_shard(cfg: ShardsConfig, path: Path, crops: list[Crop]) -> dict:
+def write_shard(cfg: ShardsConfig, path: Path | str, crops: list[Crop]) -> dict:
     """Write one shard atomically, in the planned order; each image is decoded once (its crops are
     cut, then written where the plan puts them). An image that fails to decode loses its crops
     (reported)."""
@@ -255,13 +253,13 @@ def write_shard(cfg: ShardsConfig, path: Path, crops: list[Crop]) -> dict:
             meta["crop"] = {"image": Path(crop.image).name, "top": crop.top, "left": crop.left}
             sink.write(encode_sample(crop.key, gt, lq, meta))
             count += 1
-    return {"name": path.name, "samples": count, "bad": bad}
+    return {"name": storage.name(path), "samples": count, "bad": bad}
 
 
-def count_samples(path: Path) -> int:
-    """Number of distinct keys in a finished shard."""
-    with tarfile.open(path) as tar:
-        return len({name.split(".", 1)[0] for name in tar.getnames()})
+def count_samples(path: str | Path) -> int:
+    """Number of distinct keys in a finished shard (local or on object storage)."""
+    with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        return len({member.name.split(".", 1)[0] for member in tar})
 
 
 # ---------------------------------------------------------------- the job
@@ -276,8 +274,9 @@ def make_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
     problems = cfg.validate() + [(f"degradation.{k}", m) for k, m in cfg.degradation.all_problems()]
     if problems:
         raise ConfigError(problems, "shards config")
-    out = Path(cfg.output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.output if storage.is_remote(cfg.output) else Path(cfg.output).expanduser()
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     plan = plan_crops(cfg)
     if not plan.crops:
         raise ValueError(
@@ -287,18 +286,21 @@ def make_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
     groups = [plan.crops[i : i + cfg.shard_size] for i in range(0, len(plan.crops), cfg.shard_size)]
     names = [shard_name(cfg.prefix, i) for i in range(len(groups))]
     manifest = {"fingerprint": fingerprint(cfg, plan.crops), "config": to_dict(cfg)}
-    check_resumable(out, cfg.prefix, manifest["fingerprint"])
-    for stale in out.glob(f"{glob.escape(cfg.prefix)}-*.tar.tmp"):
-        stale.unlink()
+    existing = check_resumable(out, cfg.prefix, manifest["fingerprint"])
+    if not storage.is_remote(out):  # an upload leaves no temp object
+        for stale in out.glob(f"{glob.escape(cfg.prefix)}-*.tar.tmp"):
+            stale.unlink()
     planned = [{"name": n, "samples": len(g)} for n, g in zip(names, groups)]
-    write_json_atomic(out / MANIFEST, {**manifest, "complete": False, "shards": planned})
-    todo = [(cfg, out / n, g) for n, g in zip(names, groups) if not (out / n).exists()]
+    write_json_atomic(storage.join(out, MANIFEST), {**manifest, "complete": False,
+                                                    "shards": planned})  # fmt: skip
+    todo = [(cfg, storage.child(out, n), g) for n, g in zip(names, groups) if n not in existing]
     results = {r["name"]: r for r in _run_tasks(todo, cfg.workers, progress)}
     for r in results.values():
         for item in r["bad"]:
             log.warning("skipped unreadable image %s: %s", item["path"], item["error"])
+    counted = {n: r["samples"] for n, r in results.items()}
     shards = [
-        {"name": n, "samples": results[n]["samples"] if n in results else count_samples(out / n)}
+        {"name": n, "samples": counted[n] if n in counted else count_samples(storage.child(out, n))}
         for n in names
     ]
     bad = plan.bad + [item for r in results.values() for item in r["bad"]]
@@ -312,25 +314,28 @@ def make_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
         too_small=len(plan.too_small),
         written=sorted(results),
     )
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(storage.join(out, MANIFEST), manifest)
     return manifest
 
 
-def check_resumable(out: Path, prefix: str, fp: str) -> None:
-    """Refuse to add shards to a folder holding shards of another plan."""
-    existing = sorted(out.glob(f"{glob.escape(prefix)}-*.tar"))
+def check_resumable(out: Path | str, prefix: str, fp: str) -> set[str]:
+    """Refuse to add shards to a folder holding shards of another plan; returns the names of
+    the finished shards it holds."""
+    existing = [n for n in storage.listdir(out)
+                if re.fullmatch(re.escape(prefix) + r"-\d+\.tar", n)]  # fmt: skip
     if not existing:
-        return
+        return set()
     try:
-        old = json.loads((out / MANIFEST).read_text()).get("fingerprint")
+        old = (storage.read_json(storage.join(out, MANIFEST)) or {}).get("fingerprint")
     except (OSError, ValueError):
         old = None
     if old != fp:
         raise ValueError(
-            f"{out} already holds {len(existing)} shard(s) (e.g. {existing[0].name}) written with "
+            f"{out} already holds {len(existing)} shard(s) (e.g. {existing[0]}) written with "
             f"another config or image set ({MANIFEST} fingerprint differs or is missing); "
             "use a new output folder or delete the old shards"
         )
+    return set(existing)
 
 
 def _init_worker() -> None:

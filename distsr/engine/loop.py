@@ -1,18 +1,25 @@
-"""The per-worker training loop: the same code under Ray Train, torchrun or in-process."""
+"""The per-worker training loop: the same code under Ray Train, torchrun or in-process.
+
+A run folder on object storage (``output_dir: s3://...``) is worked on in a local temp copy
+(``RunConfig.run_dir``): rank 0 pulls it before resuming and pushes it after every checkpoint
+and at the end (``data.storage.Mirror``; a checkpoint's ``client_state.pt`` goes last, so a
+push cut short leaves no folder that looks complete), then removes the copy."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from distsr.data import storage
 from distsr.engine.build import build_engine, build_frozen_engine
-from distsr.engine.checkpoint import load_state, save_state, step_name
+from distsr.engine.checkpoint import CLIENT_STATE, load_state, save_state, step_name
 from distsr.engine.context import DistContext
 from distsr.engine.ema import EMA
 from distsr.engine.export import export_weights
@@ -57,6 +64,11 @@ class Trainer:
         self.injected_nonfinite: dict[int, int] = {}
         self.loader = None  # the training stream (its position is saved with each checkpoint)
         self.data_state: dict | None = None  # this rank's saved stream position, on resume
+        self.mirror = None  # rank 0's link from the local run folder to object storage
+        if storage.is_remote(cfg.run_url) and ctx.is_main:
+            # Ray Train's step_* folders are Ray's to download (it keeps them in storage_path)
+            self.mirror = storage.Mirror(cfg.run_dir, cfg.run_url, skip=("step_*",),
+                                         last=(CLIENT_STATE,))  # fmt: skip
 
     # -- checkpoints -------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -105,6 +117,16 @@ class Trainer:
             self.maybe_inject_failure("checkpoint")
 
         self.store.save(self.step, write, metrics)
+        self.sync()
+
+    def sync(self, finished: bool = False) -> None:
+        """Push the local run folder to object storage (rank 0, remote run folders only); at
+        the end, remove the local copy."""
+        if self.mirror is None:
+            return
+        self.mirror.push()
+        if finished:
+            shutil.rmtree(self.cfg.run_dir.parent, ignore_errors=True)
 
     # -- training ----------------------------------------------------------------------------
     def maybe_inject_failure(self, where: str) -> None:
@@ -114,11 +136,10 @@ class Trainer:
         wanted = "checkpoint" if dbg.fail_in_checkpoint else "step"
         if where != wanted or dbg.fail_at_step != self.step or dbg.fail_rank != self.ctx.rank:
             return
-        marker = self.cfg.run_dir / f".injected_failure_step{self.step}"
-        if marker.exists():
+        marker = storage.join(self.cfg.run_url, f".injected_failure_step{self.step}")
+        if storage.exists(marker):
             return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("injected\n")
+        storage.write_bytes(marker, b"injected\n")
         print(f"[distsr] injected failure ({dbg.fail_mode}, {where}) at step {self.step} "
               f"on rank {self.ctx.rank}", flush=True)  # fmt: skip
         if dbg.fail_mode == "sigkill":
@@ -212,6 +233,8 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
+        if self.mirror is not None:
+            self.mirror.pull()
         self.restore()
         self.last = {"step": self.step}
         self.status = RunStatus(cfg.run_dir, self.ctx.is_main, cfg.engine.max_steps)
@@ -222,7 +245,9 @@ class Trainer:
             self.status.update(state="finished")
             if self.ctx.is_main:
                 print(f"[distsr] already finished at step {self.step}", flush=True)
-            return last_logged(cfg.run_dir, self.last)
+            last = last_logged(cfg.run_dir, self.last)
+            self.sync(finished=True)
+            return last
         self.logger = MetricLogger(
             cfg.run_dir,
             enabled=self.ctx.is_main,
@@ -248,6 +273,7 @@ class Trainer:
         self.logger.close()
         export_weights(cfg.run_dir, self.engines, self.emas, self.ctx.is_main)
         self.status.update(state="finished", step=self.step)
+        self.sync(finished=True)
         return self.last
 
 

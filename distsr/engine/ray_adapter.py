@@ -4,7 +4,11 @@ Every rank saves its own DeepSpeed shards into a private temp folder and reports
 same ``checkpoint_dir_name``; Ray merges them into ``run_dir/step_NNNNNNNN`` and registers the
 checkpoint only when all ranks have uploaded, so a half-written checkpoint is never resumed.
 Resume (after a worker failure, or a relaunch with the same run name and output folder) takes
-the newer of ``ray.train.get_checkpoint()`` and the newest folder marked ``COMPLETE``.
+the newer of ``ray.train.get_checkpoint()`` and the newest folder marked ``COMPLETE``. With
+``output_dir: s3://...`` Ray's ``storage_path`` is that URL: Ray uploads the step folders, the
+``COMPLETE`` markers are written there, the newest marked folder is downloaded when it is newer
+than Ray's checkpoint, and the workers get this process's object-storage settings
+(``data.storage.worker_env``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from distsr.data import storage
 from distsr.engine.checkpoint import step_name
 from distsr.engine.context import from_environment
 from distsr.engine.loop import train_worker
@@ -73,8 +78,9 @@ class RayStore:
     Ray's latest checkpoint and the newest complete folder (``resume_folder``)."""
 
     def __init__(self, rank: int, run_dir: Path, keep: int, earlier: frozenset[str] = frozenset(),
-                 launch: str = ""):  # fmt: skip
+                 launch: str = "", run_url: str | None = None):  # fmt: skip
         self.rank = rank
+        self.run_url = run_url or str(run_dir)  # where the step folders are (s3:// or run_dir)
         self.launch = launch  # this launch's id, written into the markers it writes
         self.run_dir = Path(run_dir)
         self.keep = keep
@@ -83,12 +89,39 @@ class RayStore:
     @contextlib.contextmanager
     def latest(self) -> Iterator[Path | None]:
         checkpoint = ray.train.get_checkpoint()
+        if storage.is_remote(self.run_url):
+            with self.latest_remote(checkpoint) as folder:
+                yield folder
+            return
         chosen = resume_folder(self.run_dir, checkpoint.path if checkpoint else None)
         if chosen is None or checkpoint is None or chosen != Path(checkpoint.path):
             yield chosen
             return
         with checkpoint.as_directory() as folder:  # downloaded when stored remotely
             yield Path(folder)
+
+    @contextlib.contextmanager
+    def latest_remote(self, checkpoint) -> Iterator[Path | None]:
+        """``latest`` on object storage: the newer of Ray's checkpoint and the newest step
+        folder marked ``COMPLETE`` there, downloaded into a temp folder."""
+        files = storage.walk(self.run_url)
+        marked = sorted(f.split("/")[0] for f in files
+                        if f.startswith("step_") and f.endswith(f"/{COMPLETE}"))  # fmt: skip
+        ray_name = Path(checkpoint.path).name if checkpoint is not None else ""
+        if checkpoint is not None and (not marked or ray_name >= marked[-1]):
+            with checkpoint.as_directory() as folder:
+                yield Path(folder)
+            return
+        if not marked:
+            yield None
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"distsr-{marked[-1]}-rank{self.rank}-"))
+        try:
+            for rel in [f for f in files if f.startswith(f"{marked[-1]}/")]:
+                storage.get_file(storage.join(self.run_url, rel), tmp / rel.split("/", 1)[1])
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def save(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"distsr-{step_name(step)}-rank{self.rank}-"))
@@ -103,10 +136,12 @@ class RayStore:
             shutil.rmtree(tmp, ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()  # every rank's upload (synchronous) has returned
-        folder = self.run_dir / step_name(step)
-        if self.rank == 0 and folder.is_dir():
-            (folder / COMPLETE).write_text(f"all ranks uploaded; launch {self.launch}\n")
-            self.prune_earlier()
+        folder = storage.join(self.run_url, step_name(step))
+        if self.rank == 0 and storage.is_dir(folder):
+            marker = f"all ranks uploaded; launch {self.launch}\n".encode()
+            storage.write_bytes(storage.join(folder, COMPLETE), marker)
+            if not storage.is_remote(folder):  # a killed launch's folders stay on object storage
+                self.prune_earlier()
 
     def prune_earlier(self) -> None:
         """Ray keeps the newest ``keep`` of the checkpoints it registered; the folders an earlier
@@ -132,7 +167,7 @@ def _ray_worker(config: dict) -> None:
     cfg: RunConfig = config["run_config"]  # parsed on the driver, pickled by Ray
     ctx = from_environment()
     store = RayStore(ctx.rank, cfg.run_dir, cfg.engine.checkpoint.keep, config["earlier"],
-                     config["launch"])  # fmt: skip
+                     config["launch"], cfg.run_url)  # fmt: skip
     train_worker(cfg, ctx, store)
 
 
@@ -143,6 +178,8 @@ def fit(cfg: RunConfig):
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
+    remote = storage.is_remote(cfg.run_url)
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(storage.worker_env() if remote else {})}
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"run_config": cfg, "earlier": earlier, "launch": uuid.uuid4().hex},
@@ -151,11 +188,11 @@ def fit(cfg: RunConfig):
         ),
         run_config=RayRunConfig(
             name=cfg.name,
-            storage_path=str(cfg.run_dir.parent),
+            storage_path=cfg.output_dir if remote else str(cfg.run_dir.parent),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.engine.checkpoint.keep),
             # Train V2 re-routes print() through logging, which showed every line twice
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": env},
         ),
     )
     return trainer.fit()

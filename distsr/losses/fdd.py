@@ -17,13 +17,39 @@ channels and those U/2 x V frequencies (the paper's 2 / (UV) normalisation, per 
 Learnable parts: a 3x3 and a 1x1 conv per side (each maps its network's channels to a common
 width, ``channels``, default min(c_a, c_b)); one frequency filter W (real, per channel, on a
 ``filter_size`` grid resized bilinearly to the half spectrum, so one FDD serves any map size;
-initialised to 1) and one complex batch norm C (Trabelsi et al., whitening of (Re, Im) per
-channel), both shared by the two sides so that they compare in one space. C normalises the two
-sides together (one batch of both), so it cannot hide a scale difference between them.
+1 at init) and one complex batch norm C (Trabelsi et al., whitening of (Re, Im) per channel),
+both shared by the two sides so that they compare in one space. C normalises the two sides
+together (one batch of both), so it cannot hide a scale difference between them.
 The phase difference is taken as the paper writes it, not wrapped to (-pi, pi].
+
+No trivial minimum. The paper trains everything on the one loss it minimises (Sec. 3.3.1-3.3.2:
+the FDD "aims to minimize the differences"; Sec. 4.1: Adam on L), so the FDD's own parameters
+descend L_FDD too. Unconstrained, they reach L_FDD ~ 0 whatever the features: convs -> 0 (L_S ->
+0; the spectra sink under C's eps), a large common conv3 bias (the DC bin swamps C's statistics
+and whitens every other bin to ~0), C's gain gamma -> 0 or its offset beta -> large (both sides
+-> beta: equal amplitudes and phases), a sparse filter (L_amp is degree 1 in W per bin, C's
+normalisation degree 2, so L_amp falls by mean(W) / rms(W)). The rule here: the FDD chooses
+*what* it compares, never *how much* of it --
+  * every conv has orthonormal rows (one per output channel, flattened over (c_in, k, k)):
+    the stored weight V is used as Gram-Schmidt(V) (QR, R's diagonal > 0), so no projection can
+    shrink, and on the narrower side (c = c_in) the 1x1 is a rotation that cannot drop a
+    direction of the features; the 3x3 has no bias (its only effect is the DC bin above);
+  * C only standardises (no affine): nothing but the loss follows it, so its gain would be the
+    loss's own scale, which the paper does not learn;
+  * W = R ** tanh(theta) lies in [1/R, R] (R = ``filter_range``, 2): it re-weights bands, by
+    at most R^2 against each other, and cannot delete one; on features with nothing in common it
+    can lower L_amp at most by 2R / (1 + R^2) (0.8; Polya-Szego on mean(W) / rms(W)).
+On independent white features, then, L_S >= E|N(0, 2)| = 2 / sqrt(pi) for any parameters (each
+output channel of X_S^a - X_S^b has variance |w_a|^2 + |w_b|^2 = 2), and L_ph, L_amp stay at
+their independent-spectra values (up to W's bounded factor); only features that really agree
+lower L_FDD. The paper's equations for X_f1 .. X_fout, X_S, L_F, L_S and L_FDD are unchanged.
+Not adversarial ("discriminative" despite the name): the paper minimises one loss, and with a
+projection per side a maximiser would anti-align the two sides, which measures no disagreement.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +61,12 @@ def _c(v: torch.Tensor) -> torch.Tensor:
 
 
 class ComplexBatchNorm(nn.Module):
-    """Complex batch norm: centre, whiten (Re, Im) with the inverse square root of their 2x2
-    covariance per channel, then ``gamma`` (2x2, symmetric) and ``beta`` (complex)."""
+    """Complex batch norm without affine: centre, then whiten (Re, Im) with the inverse square
+    root of their 2x2 covariance per channel (no gamma, beta: see the module's docstring)."""
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.eps, self.momentum = eps, momentum
-        self.gamma_rr = nn.Parameter(torch.ones(channels))
-        self.gamma_ii = nn.Parameter(torch.ones(channels))
-        self.gamma_ri = nn.Parameter(torch.zeros(channels))
-        self.beta = nn.Parameter(torch.zeros(2, channels))
         self.register_buffer("running_mean", torch.zeros(2, channels))
         self.register_buffer("running_cov", torch.stack([torch.ones(channels), torch.ones(channels),
                                                          torch.zeros(channels)]))  # fmt: skip
@@ -70,10 +92,7 @@ class ComplexBatchNorm(nn.Module):
         t = torch.sqrt(vrr + vii + 2 * s)
         wrr, wii, wri = (vii + s) / (s * t), (vrr + s) / (s * t), -vri / (s * t)
         rc, ic = re - _c(mean[0]), im - _c(mean[1])
-        rw, iw = _c(wrr) * rc + _c(wri) * ic, _c(wri) * rc + _c(wii) * ic
-        out_re = _c(self.gamma_rr) * rw + _c(self.gamma_ri) * iw + _c(self.beta[0])
-        out_im = _c(self.gamma_ri) * rw + _c(self.gamma_ii) * iw + _c(self.beta[1])
-        return torch.complex(out_re, out_im)
+        return torch.complex(_c(wrr) * rc + _c(wri) * ic, _c(wri) * rc + _c(wii) * ic)
 
 
 def half_spectrum(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +109,22 @@ def phase(x: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, 0.0, torch.atan2(im, torch.where(zero, 1.0, re)))
 
 
+def orthonormal_rows(v: torch.Tensor) -> torch.Tensor:
+    """A conv weight (out, in, kh, kw) whose rows, flattened, are Gram-Schmidt of v's rows: the
+    QR of v^T with R's diagonal made positive (an orthonormal v comes back as it is)."""
+    dtype = torch.promote_types(v.dtype, torch.float32)  # QR has no half-precision kernels
+    q, r = torch.linalg.qr(v.flatten(1).to(dtype).T)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(dtype)
+    return q.T.reshape(v.shape).to(v.dtype)
+
+
+class OrthoConv2d(nn.Conv2d):
+    """A conv whose weight is used as ``orthonormal_rows(weight)`` (stride 1, no groups)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, orthonormal_rows(self.weight), self.bias, padding=self.padding)
+
+
 class FDD(nn.Module):
     """``FDD(c_a, c_b)(f_a, f_b)`` -> {"amp", "phase", "freq", "spatial", "fdd"}."""
 
@@ -101,22 +136,27 @@ class FDD(nn.Module):
         lam: float = 0.5,
         channels: int | None = None,
         filter_size: tuple[int, int] = (8, 8),
+        filter_range: float = 2.0,
     ):
         super().__init__()
         c = channels or min(c_a, c_b)
-        self.eta, self.lam = eta, lam
+        if c > min(c_a, c_b) or filter_range < 1:
+            raise ValueError(f"FDD needs channels <= min(c_a, c_b) = {min(c_a, c_b)} (orthonormal "
+                             f"rows) and filter_range >= 1, got {c}, {filter_range}")  # fmt: skip
+        self.eta, self.lam, self.log_range = eta, lam, math.log(filter_range)
         self.conv3_a, self.conv3_b = (
-            nn.Conv2d(c_a, c, 3, padding=1),
-            nn.Conv2d(c_b, c, 3, padding=1),
+            OrthoConv2d(c_a, c, 3, padding=1, bias=False),
+            OrthoConv2d(c_b, c, 3, padding=1, bias=False),
         )
-        self.conv1_a, self.conv1_b = nn.Conv2d(c_a, c, 1), nn.Conv2d(c_b, c, 1)
-        self.filter = nn.Parameter(torch.ones(1, c, *filter_size))  # W
+        self.conv1_a, self.conv1_b = OrthoConv2d(c_a, c, 1), OrthoConv2d(c_b, c, 1)
+        self.filter_theta = nn.Parameter(torch.zeros(1, c, *filter_size))  # W = R ** tanh(theta)
         self.cbn = ComplexBatchNorm(c)
 
     def _filter(self, shape: torch.Size) -> torch.Tensor:
-        if tuple(self.filter.shape[-2:]) == tuple(shape):
-            return self.filter
-        return F.interpolate(self.filter, size=tuple(shape), mode="bilinear", align_corners=True)
+        w = torch.exp(self.log_range * torch.tanh(self.filter_theta))  # in [1/R, R]
+        if tuple(w.shape[-2:]) == tuple(shape):
+            return w
+        return F.interpolate(w, size=tuple(shape), mode="bilinear", align_corners=True)
 
     def frequency(self, f_a: torch.Tensor, f_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """X_fout of both sides (complex, (B, c, H/2, W)), normalised together."""

@@ -87,6 +87,10 @@ class TadsrConfig:
     # the HSD and discriminator perturbations (z_T stays Gaussian): "gaussian" N(0, I) (paper
     # Alg. 1 lines 6, 25); "uniform" U[0, 1) (official code: rand_like for both)
     noise: Literal["gaussian", "uniform"] = "gaussian"
+    # the training text (student, discriminator features, HSD) is the empty prompt with this
+    # probability, drawn per sample and step from the run's RNG; teachers with a text condition
+    # only (SeeSR; which text: teacher.train_prompt)
+    null_text_ratio: float = 0.0  # official TAD-SeeSR: 0.5
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def validate(self):
@@ -95,6 +99,8 @@ class TadsrConfig:
         for key in ("lambda_distill", "lambda_hsd", "lambda_adv"):
             if getattr(self, key) < 0:
                 problems.append((key, "must be >= 0"))
+        if not 0 <= self.null_text_ratio <= 1:
+            problems.append(("null_text_ratio", f"must be in [0, 1], got {self.null_text_ratio}"))
         return problems
 
 
@@ -109,6 +115,9 @@ class TadsrRecipe(Recipe):
         if not self.teacher.supports("features"):
             raise ValueError(f"TAD-SR needs a teacher with encoder features; "
                              f"{type(self.teacher).__name__} has none")  # fmt: skip
+        if cfg.null_text_ratio > 0 and not self.teacher.supports("train_cond"):
+            raise ValueError(f"method.null_text_ratio={cfg.null_text_ratio}, but "
+                             f"{type(self.teacher).__name__} has no text condition")  # fmt: skip
         self.levels = [*cfg.disc.levels, *([MIDDLE] if cfg.disc.include_middle else [])]
         self.student = self.teacher.make_student()  # init = the teacher's denoiser (Alg. 1)
         channels = self.teacher.feature_channels(self.levels)
@@ -155,7 +164,9 @@ class TadsrRecipe(Recipe):
         cfg, teacher = self.cfg, self.teacher
         T = teacher.num_timesteps
         tgt = self.source.targets(batch, step)
-        cond, z0_tch, z_gt = tgt["cond"], tgt["z0_tch"], tgt["z_gt"]
+        z0_tch, z_gt = tgt["z0_tch"], tgt["z_gt"]
+        # the student's text (the teacher's trajectory above kept the lq prompt)
+        cond = teacher.train_cond(tgt["cond"], self.null_text(batch["lq"].shape[0]))
         # Alg. 1 line 3: one student step from the same z_T as the teacher's trajectory
         z0_stu = teacher.student_step(self.nets["student"], teacher.prior(cond, tgt["noise"]), cond)
 
@@ -192,6 +203,13 @@ class TadsrRecipe(Recipe):
         loss = loss + cfg.lambda_adv * loss_adv
         logs = {"distill": loss_distill.item(), "adv_g": loss_adv.item(), "d_loss": loss_d.item()}
         yield Update("student", loss, logs)
+
+    def null_text(self, batch_size: int) -> torch.Tensor | None:
+        """Which samples train with the empty prompt: Bernoulli(null_text_ratio) each, from the
+        process RNG (checkpointed with the run, so a resume draws the same); None at ratio 0,
+        which draws nothing."""
+        ratio = self.cfg.null_text_ratio
+        return torch.rand(batch_size) < ratio if ratio > 0 else None
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ class Teacher(nn.Module):
     * ``prepare(lq, stored=None) -> cond``: the condition of a batch (a dict of tensors). The
       entries named in ``stored`` are what the teacher cache keeps; given them, ``prepare``
       rebuilds the rest from lq alone, cheaply (ResShift: ``z_y`` is stored, the UNet's lq
-      condition is recomputed by the one ``condition`` rule).
+      condition is recomputed by the one ``condition`` rule). ``prepare_gt(gt)``: the stored
+      entries computed from gt (default none; SeeSR's gt-tag prompt).
     * ``noise_shape(cond)``: one sample's prior-eps shape (None: the teacher draws no noise);
       ``noise_tensors``: how many such tensors ``sample`` consumes per sample (the prior eps
       first; ``teachers.noise`` draws them).
@@ -39,7 +40,8 @@ class Teacher(nn.Module):
     * Diffusion teachers: ``num_timesteps``, ``noised`` (the forward process q), ``denoise`` (one
       network call), ``sqrt_snr`` (d eps / d x0 at a fixed z_t, the HSD weight), ``features`` /
       ``feature_channels`` (encoder features for discriminators), ``make_student`` and
-      ``student_step`` (a trainable copy of the denoiser and its one-step rule), and
+      ``student_step`` (a trainable copy of the denoiser and its one-step rule), ``train_cond``
+      (the condition a student trains with; teachers with text can drop it), and
       ``partitionable`` (frozen modules worth sharding with ZeRO-3).
     * ``encode_gt(gt) -> z``, ``decode(z) -> image in [0, 1]``, ``fingerprint()``.
 
@@ -75,6 +77,10 @@ class Teacher(nn.Module):
     # ---- every teacher ----------------------------------------------------------------------
     def prepare(self, lq: torch.Tensor, stored: dict | None = None) -> dict[str, torch.Tensor]:
         raise self._missing("prepare")
+
+    def prepare_gt(self, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The entries of ``stored`` computed from gt images in [0, 1] (default: none)."""
+        return {}
 
     def noise_shape(self, cond: dict) -> tuple[int, ...] | None:
         return None
@@ -134,6 +140,13 @@ class Teacher(nn.Module):
     def student_step(self, net: nn.Module, z_T: torch.Tensor, cond: dict) -> torch.Tensor:
         """z0 from z_T in one call of ``net`` (a module made by ``make_student``)."""
         raise self._missing("student")
+
+    def train_cond(self, cond: dict, drop: torch.Tensor | None = None) -> dict:
+        """The condition a student trains with (default: ``cond``); ``drop`` [B] bool: samples
+        whose text becomes the empty prompt (teachers with a text condition only)."""
+        if drop is not None:
+            raise self._missing("text condition to drop")
+        return cond
 
     def partitionable(self) -> dict[str, nn.Module]:
         """Frozen modules a recipe may shard with ZeRO-3 instead of replicating them."""

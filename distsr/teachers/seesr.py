@@ -32,7 +32,12 @@ official eps-space one. Differences from the official TAD-SeeSR training: the st
 the LR latent noised at t = 999 (official: the GT latent); the discriminator's and HSD's features
 use lq's ControlNet condition and RAM embeddings (official: those of gt); one t per sample
 (official: one per batch); latents are the VAE posterior mean (official: an unseeded sample); the
-bicubic up-scaling is torch's (official: PIL's, in two steps).
+bicubic up-scaling is torch's (official: PIL's, in two steps); by default the training text (the
+student's, the features' and HSD's) is the inference prompt of lq's tags, never dropped.
+Official: RAM's tags of gt as ``"<tags>,"`` (SeeSR's make_tags.py), the empty prompt with
+probability ``null_text_ratio`` 0.5 per sample: ``train_prompt: gt`` (``prepare_gt`` tags gt
+with this teacher's RAM, DAPE merged, where make_tags.py used RAM alone; cached as
+``prompt_embeds_gt``) and the recipe's ``null_text_ratio`` (``train_cond``).
 
 The teacher prints one ``[distsr] SeeSR teacher: ...`` line the first time it runs RAM + the text
 encoder on lq, takes the condition from stored (cached) entries, or runs its sampler, so a run's
@@ -152,6 +157,8 @@ class SeeSRTeacher(Teacher):
     def __init__(self, cfg: SeeSRTeacherConfig, denoiser: SeeSRDenoiser, sd2: SD2, ram: RAM):
         super().__init__()
         self.cfg = cfg
+        if cfg.train_prompt == "gt":  # the gt-tag prompt is cached beside the lq condition
+            self.stored = (*SeeSRTeacher.stored, "prompt_embeds_gt")
         self.denoiser, self.vae, self.text_encoder, self.ram = (
             denoiser, sd2.vae, sd2.text_encoder, ram)  # fmt: skip
         self.tokenizer, self.scheduler = sd2.tokenizer, sd2.scheduler
@@ -168,6 +175,7 @@ class SeeSRTeacher(Teacher):
             enable_checkpointing(self.denoiser)
         self.freeze()
         self._negative: torch.Tensor | None = None
+        self._empty: torch.Tensor | None = None
         self._weights_hash: str | None = None
         self._announced: set[str] = set()
 
@@ -223,6 +231,31 @@ class SeeSRTeacher(Teacher):
         cond["image_embeds"] = image_embeds.float()
         cond["prompt_embeds"] = self.encode_text(self.prompts(tags))
         return cond
+
+    def prepare_gt(self, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``train_prompt: gt``: ``{"prompt_embeds_gt"}``, the CLIP embedding of RAM's tags of gt
+        in [0, 1] as ``"<tags>,"`` (official: SeeSR's make_tags.py file, no added prompt)."""
+        if self.cfg.train_prompt != "gt":
+            return {}
+        self._announce("gt", "running RAM and the text encoder on gt (train_prompt: gt)")
+        tags, _ = self.ram.tag_and_embed(gt.to(self.device, torch.float32))
+        return {"prompt_embeds_gt": self.encode_text([f"{t}," for t in tags])}
+
+    def train_cond(self, cond: dict, drop: torch.Tensor | None = None) -> dict:
+        """TAD-SR's training condition: ``prompt_embeds`` = the ``train_prompt``'s text, the empty
+        prompt for the samples where ``drop`` [B] is true (official: ``null_text_ratio``)."""
+        gt = self.cfg.train_prompt == "gt"
+        text = cond["prompt_embeds_gt" if gt else "prompt_embeds"]
+        if drop is not None:
+            empty = self.empty_prompt_embeds().to(text.device)
+            text = torch.where(drop.to(text.device).view(-1, 1, 1), empty, text)
+        return {**cond, "prompt_embeds": text}
+
+    def empty_prompt_embeds(self) -> torch.Tensor:
+        """CLIP("") [1, 77, D], float16-rounded as the stored prompts are."""
+        if self._empty is None or self._empty.device != self.device:
+            self._empty = self.encode_text([""]).half().float()
+        return self._empty
 
     def noise_shape(self, cond: dict) -> tuple[int, ...]:
         return tuple(cond["z_lq"].shape[1:])
@@ -362,8 +395,11 @@ class SeeSRTeacher(Teacher):
         cfg = self.cfg
         sampler = {k: getattr(cfg, k) for k in SAMPLER_KEYS}
         scheduler = json.loads(json.dumps(dict(self.scheduler.config), default=str))
-        return {"kind": self.kind, "weights": self._weights_hash, "sampler": sampler,
-                "scheduler": scheduler, "scale": cfg.scale}  # fmt: skip
+        parts = {"kind": self.kind, "weights": self._weights_hash, "sampler": sampler,
+                 "scheduler": scheduler, "scale": cfg.scale}  # fmt: skip
+        if cfg.train_prompt == "gt":  # the cache holds prompt_embeds_gt too
+            parts["train_prompt"] = cfg.train_prompt
+        return parts
 
 
 def vocabulary_parts(ram: RAM) -> list:

@@ -43,6 +43,12 @@ class SeeSRTeacherConfig:
     # the student's trainable parameters: those with one of these module names in their path
     # (official TAD-SeeSR: [image_attentions, controlnet_cond_embedding]); null: all of them
     student_trainable: list[str] | None = None
+    # TAD-SR's training text (the student, the discriminator's features, HSD): "lq" the condition's
+    # prompt (lq tags + prompt + added_prompt, as at inference); "gt" RAM's tags of gt as
+    # ``"<tags>,"`` with no added prompt (official TAD-SeeSR: train_tadsr.py reads SeeSR's
+    # make_tags.py files). "gt" also stores ``prompt_embeds_gt`` in the cache (a fingerprint part
+    # only then, so lq caches keep theirs); the teacher's trajectory keeps the lq prompt
+    train_prompt: Literal["lq", "gt"] = "lq"  # official TAD-SeeSR: gt
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []

@@ -70,7 +70,7 @@ class LiveTeacher:
     @torch.no_grad()
     def targets(self, batch: dict, step: int | None = None) -> dict:
         """``step`` (the training step) makes fresh noise a function of (seed, key, step)."""
-        cond = rounded_cond(self.teacher, batch["lq"])
+        cond = rounded_cond(self.teacher, batch["lq"], batch["gt"])
         fresh = None if step is None or not self.fresh_noise else 1 + step
         noise = self.noise(list(batch["__key__"]), cond, draw=fresh)
         z0 = self.sample(cond, noise)
@@ -105,7 +105,7 @@ class LiveTeacher:
         (trajectory k from the seeded noise of draw k), ``z_gt`` and the ``teacher.stored``
         condition float16 ``[B, ...]``, and ``seed`` int64 ``[B, K]``."""
         keys, teacher = list(batch["__key__"]), self.teacher
-        cond = rounded_cond(teacher, batch["lq"])
+        cond = rounded_cond(teacher, batch["lq"], batch["gt"])
         if draws > 1 and teacher.noise_shape(cond) is None:
             raise ValueError(
                 f"draws={draws}, but teacher {self.fingerprint} draws no noise: its "
@@ -174,11 +174,14 @@ class CachedTeacher:
         return column
 
 
-def rounded_cond(teacher: Teacher, lq: torch.Tensor) -> dict:
-    """``teacher.prepare(lq)``, rebuilt from its ``stored`` entries rounded to float16 (what the
-    cache keeps), so the trajectory starts from what a cached source rebuilds."""
+def rounded_cond(teacher: Teacher, lq: torch.Tensor, gt: torch.Tensor | None = None) -> dict:
+    """``teacher.prepare(lq)`` (with ``teacher.prepare_gt(gt)``'s entries), rebuilt from its
+    ``stored`` entries rounded to float16 (what the cache keeps), so the trajectory starts from
+    what a cached source rebuilds."""
     lq = lq.to(teacher.device)
     cond = teacher.prepare(lq)
+    if gt is not None:
+        cond.update(teacher.prepare_gt(gt))
     if not teacher.stored:
         return cond
     return teacher.prepare(lq, stored={n: cond[n].half().float() for n in teacher.stored})

@@ -19,7 +19,6 @@ image on an A100). ``jobs/bench_infer.py`` is the command line.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distsr.benchstats import spread
+from distsr.bench.cli import torch_threads, write_report
+from distsr.bench.stats import spread
 from distsr.config import CONFIG_DIR, from_dict, load_yaml
 from distsr.data.degradation import bicubic_downscale
 from distsr.evaluate.memory import peak_meter
@@ -126,13 +126,9 @@ def time_call(fn, lq: torch.Tensor, meter) -> tuple[float, float | None]:
 
 @torch.no_grad()
 def bench_infer(cfg: BenchInferConfig) -> dict:
-    saved = torch.get_num_threads()
-    if cfg.threads:  # on a shared machine 1 thread avoids OpenMP barriers spinning on busy cores
-        torch.set_num_threads(cfg.threads)
-    try:
+    # on a shared machine 1 thread avoids OpenMP barriers spinning on busy cores
+    with torch_threads(cfg.threads):
         return run_arms(cfg)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def run_arms(cfg: BenchInferConfig) -> dict:
@@ -182,10 +178,7 @@ def report(cfg, model: ResShift, sampler, seconds: dict, peaks: dict, flops: dic
             flop_bound = flops[f"teacher{suffix}"] / flops[f"student{suffix}"]
             result[f"ratio{suffix}"] = spread(ratios) | {"flop_bound": flop_bound}
     result["table"] = table(result)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_infer.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_infer.md").write_text(result["table"])
+    write_report(Path(cfg.output), "bench_infer", result, result["table"])
     return result
 
 

@@ -1,7 +1,7 @@
 """A real FKdiff result at laptop scale: FASRer_S with PHexKD vs FASRer_S alone vs bicubic.
 
 Data: gt crops of the photos bundled with scikit-image / matplotlib, lq by antialiased bicubic x4
-(``bench_kd.make_data``); the held-out photos (``bundled:eval``, centre crops) are never cut
+(``kd.make_data``); the held-out photos (``bundled:eval``, centre crops) are never cut
 into training shards. Every arrow is the pipeline a user runs, in this process:
 
     1. ``fkdiff_pretrain``  the teacher restorer + CFE_D, L1                     (stage 1)
@@ -19,12 +19,12 @@ command line. The networks are narrower than the paper's (CPU): the table prints
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distsr.evaluate.bench_kd import cache, make_data, run_dict, table, train
+from distsr.bench.cli import write_report
+from distsr.bench.kd import cache, make_data, run_dict, table, train
 from distsr.models.fkdiff.config import CFEConfig, FASRerConfig, FKdiffNetConfig, PriorConfig
 
 
@@ -70,7 +70,7 @@ LABELS = {"teacher": "teacher: restorer(lq, Z_hat), Z_hat sampled (T = 4)",
 
 
 def fkdiff_run(cfg, out, shards, name, recipe, method, steps) -> dict:
-    """``bench_kd.run_dict`` with this bench's learning rate."""
+    """``kd.run_dict`` with this bench's learning rate."""
     run = run_dict(cfg, out, shards, name, recipe, method, steps)
     run["engine"]["optimizer"]["lr"] = cfg.lr
     return run
@@ -154,7 +154,7 @@ def bench_fkdiff(cfg: BenchFKdiffConfig) -> dict:
              f"{cfg.steps} (batch {cfg.batch_size}, lr {cfg.lr})"]  # fmt: skip
     summary = {"table": md, "notes": notes, "timings": timings, "config": asdict(cfg),
                "result": result}  # fmt: skip
-    (out / "bench_fkdiff.json").write_text(json.dumps({k: v for k, v in summary.items()
-                                                       if k != "result"}, indent=1))  # fmt: skip
-    (out / "bench_fkdiff.md").write_text(md + "".join(f"\n* {n}" for n in notes) + "\n")
+    record = {k: v for k, v in summary.items() if k != "result"}
+    write_report(out, "bench_fkdiff", record, md + "".join(f"\n* {n}" for n in notes) + "\n",
+                 indent=1)  # fmt: skip
     return summary

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import platform
 import statistics
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from distsr.benchstats import spread_text
+from distsr.bench.cli import write_report
+from distsr.bench.stats import spread_text
 
 ARMS = {  # arm -> engine options
     "plain": {},
@@ -169,8 +169,7 @@ def bench_compile(cfg: BenchCompileConfig) -> dict:
             rows[name]["train"].append(len(timed) / seconds["train"])
             rows[name]["infer"].append(len(timed) / seconds["infer"])
     summary = summarize(cfg, arms["plain"], rows)
-    (out / "bench_compile.json").write_text(json.dumps(summary, indent=2))
-    (out / "bench_compile.md").write_text(summary["table"])
+    write_report(out, "bench_compile", summary, summary["table"])
     return summary
 
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distsr.bench.cli import write_report
 from distsr.models.dctswin import DCTSwinConfig
 from distsr.recipes.kd import StudentConfig
 
@@ -155,7 +156,7 @@ def train(run: dict, export: str) -> tuple[Path, float]:
     timing = cfg.run_dir / "bench_seconds.json"
     if done.is_file() and timing.is_file():
         return cfg.run_dir, json.loads(timing.read_text())["seconds"]
-    write_run_record(cfg, ["distsr.evaluate.bench_kd", run["name"]])
+    write_run_record(cfg, ["distsr.bench.kd", run["name"]])
     t0 = time.perf_counter()
     launch(cfg)
     seconds = time.perf_counter() - t0
@@ -169,8 +170,12 @@ def variant_method(cfg: BenchKDConfig, variant: str, kd_cache: str, kd_teacher: 
     base = {"student": asdict(cfg.student)}
     if variant == "mtkd":
         cache_dir, teacher = mtkd
-        return "mtkd", {**base, "teacher": teacher, "cache_dir": cache_dir,
-                        "kd_loss": {"name": "bandwise", "levels": 1}}  # Eq. 4 weights: defaults
+        return "mtkd", {
+            **base,
+            "teacher": teacher,
+            "cache_dir": cache_dir,
+            "kd_loss": {"name": "bandwise", "levels": 1},
+        }  # Eq. 4 weights: defaults
     method = {**base, "teacher": kd_teacher, "cache_dir": kd_cache}
     if variant == "l1":  # the same recipe with lambda = 0: L = L_task
         method |= {"kd_loss": {"name": "l1"}, "ramp": {"lambda_max": 0.0, "end_step": 1}}
@@ -301,7 +306,6 @@ def bench_kd(cfg: BenchKDConfig) -> dict:
     timings["total"] = time.perf_counter() - t_start
     summary = {"table": md, "notes": notes, "timings": timings, "config": asdict(cfg),
                "result": result}  # fmt: skip
-    (out / "bench_kd.json").write_text(json.dumps({k: v for k, v in summary.items()
-                                                   if k != "result"}, indent=1))  # fmt: skip
-    (out / "bench_kd.md").write_text(md + "".join(f"\n* {n}" for n in notes) + "\n")
+    record = {k: v for k, v in summary.items() if k != "result"}
+    write_report(out, "bench_kd", record, md + "".join(f"\n* {n}" for n in notes) + "\n", indent=1)
     return summary

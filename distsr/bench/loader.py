@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distsr.benchstats import spread
+from distsr.bench.cli import torch_threads, write_report
+from distsr.bench.stats import spread
 from distsr.data.cache import SEED, TeacherCache, shard_name
 from distsr.data.config import DataConfig, DegradationConfig, ShardsConfig
 from distsr.data.reader import list_shards, make_train_loader
@@ -127,13 +128,8 @@ def read_rate(data: DataConfig, batches: int, cache: TeacherCache | None) -> tup
 
 
 def bench_loader(cfg: BenchLoaderConfig) -> dict:
-    saved = torch.get_num_threads()
-    if cfg.threads:  # DataLoader workers always run with one
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):  # DataLoader workers always run with one
         return run_settings(cfg)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def run_settings(cfg: BenchLoaderConfig) -> dict:
@@ -176,8 +172,7 @@ def report(cfg, shards: Path, cache, startup: dict, rates: dict) -> dict:
         "rows": rows,
     }
     result["table"] = table(result)
-    (Path(cfg.output) / "bench_loader.json").write_text(json.dumps(result, indent=2))
-    (Path(cfg.output) / "bench_loader.md").write_text(result["table"])
+    write_report(Path(cfg.output), "bench_loader", result, result["table"])
     return result
 
 
