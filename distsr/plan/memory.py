@@ -33,7 +33,7 @@ def param_counts(module: torch.nn.Module) -> dict:
 def engine_bytes(counts: dict, precision: str, stage: int, world: int, ema: bool) -> dict:
     """Per-rank bytes of one trained engine."""
     w = DTYPE_BYTES[precision]
-    opt = 8 + (4 if precision == "bf16" else 0)
+    opt = 8 + (4 if precision == "bf16" or stage >= 1 else 0)  # moments + fp32 master
     part = lambda x, s: x / world if stage >= s else x  # noqa: E731
     return {
         "params": part(counts["params"] * w, 3),
