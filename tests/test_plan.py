@@ -229,3 +229,24 @@ def test_memory_equals_what_a_real_engine_holds(precision, stage):
     assert ema == planned["ema"]
     # ZeRO-1/2 pads its flat partition to an alignment: a few elements at most
     assert planned["optimizer"] <= moments + masters <= planned["optimizer"] + 64 * 12
+
+
+@pytest.mark.parametrize("config", ["mtkd_tiny", "dtkd_srmdnf", "mtkd_swinir_light"])
+def test_kd_student_flops_equal_a_real_forward_and_backward(config, one_thread):
+    """A KD step from the cache is the student's forward + backward (the L1 / wavelet losses
+    count no FLOPs); the student here is built on the CPU with real weights and inputs."""
+    from distsr.recipes.kd import build_student
+
+    overrides = ["data.batch_size=2", "data.gt_size=32"]
+    cfg, _ = load(config, overrides)
+    plan = make_plan(config, overrides, 1, "cpu")
+    student = build_student(cfg.method.student)
+    lq = torch.rand(2, 3, 32 // cfg.method.student.scale, 32 // cfg.method.student.scale)
+    counter, math = counted()
+    with counter, math:
+        student(lq).sum().backward()
+    assert counter.get_total_flops() == plan["flops"]["step_per_rank"]
+    counter, math = counted()
+    with counter, math, torch.no_grad():
+        student(lq[:1])
+    assert counter.get_total_flops() == plan["flops"]["infer_student_per_image"]

@@ -249,4 +249,11 @@ def tadsr_workload(name: str, cfg) -> Workload:
     return w
 
 
-BUILDERS = {"resshift": resshift_workload, "tadsr": tadsr_workload}
+def kd_workload(name: str, cfg) -> Workload:
+    from distsr.plan.kd import kd_workload as build
+
+    return build(name, cfg)
+
+
+BUILDERS = {"resshift": resshift_workload, "tadsr": tadsr_workload, "dtkd": kd_workload,
+            "mtkd": kd_workload}  # fmt: skip
