@@ -74,18 +74,14 @@ def s3(tmp_path_factory):
                                         timeout=patience(60))  # fmt: skip
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = _client(port)
-    client.create_bucket(Bucket=BUCKET)
     try:
-        yield client
+        with pytest.MonkeyPatch.context() as mp:  # the environment is restored after the module
+            for key, value in env.items():
+                mp.setenv(key, value)
+            client = _client(port)
+            client.create_bucket(Bucket=BUCKET)
+            yield client
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         _stop(proc)
 
 
