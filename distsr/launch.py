@@ -48,7 +48,7 @@ def dry_run(cfg: RunConfig, missing: list[tuple[str, str]]) -> None:
     print("# resolved config")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print("# DeepSpeed config (per trainable engine)")
-    ds = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.scaling.num_workers)
+    ds = deepspeed_config(cfg.engine, cfg.data.batch_size, cfg.scaling.max_workers)
     print(json.dumps(ds, indent=2))
     if missing:
         print("\n# missing files (needed where the job runs; a launch without --dry-run refuses)")
@@ -149,7 +149,7 @@ def run(cfg: RunConfig) -> dict:
         return train_worker(cfg, init_in_process(), store)
     from distsr.engine.ray_adapter import fit
 
-    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    needed = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
     with ray_session(needed):
         result = fit(cfg)
     if result.error is not None:

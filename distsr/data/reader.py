@@ -259,6 +259,7 @@ class StreamPlan:
     block: int
     first: int = 0
     positions: list[dict] = field(default_factory=list)
+    base: int = 0  # first global read of these streams (> 0 after a change of world size)
 
     def __post_init__(self):
         if not self.positions:
@@ -275,7 +276,7 @@ class StreamPlan:
 
     def shard(self, slot: int, read: int) -> str:
         """The shard of reader ``slot``'s ``read``-th read (module doc)."""
-        g = (read * self.slots + slot) * self.world_size + self.rank
+        g = global_read(self.base, read, slot, self.slots, self.world_size, self.rank)
         n = len(self.urls)
         return self.urls[_pass_order(self.seed, g // n, n)[g % n]]
 
@@ -284,6 +285,11 @@ class StreamPlan:
 
 
 START = {"read": 0, "offset": 0, "block": 0, "taken": 0}
+
+
+def global_read(base: int, read: int, slot: int, slots: int, world_size: int, rank: int) -> int:
+    """The global index g of reader ``slot`` of ``rank``'s ``read``-th shard read (module doc)."""
+    return base + (read * slots + slot) * world_size + rank
 
 
 @functools.lru_cache(maxsize=8)
@@ -336,7 +342,9 @@ def _shuffle_blocks(src, plan: StreamPlan, counter: SkipCounter):
         for k in range(taken, len(group)):
             sample = group[order[k]][2]
             if k + 1 < len(group):
-                after = {"read": read0, "offset": offset0, "block": block, "taken": k + 1}
+                # upto: the block's last read (data.regroup)
+                after = {"read": read0, "offset": offset0, "block": block, "taken": k + 1,
+                         "upto": read1}  # fmt: skip
             else:
                 after = {"read": read1, "offset": offset1 + 1, "block": block + 1, "taken": 0}
             sample["__position__"] = (slot, after)
@@ -480,7 +488,7 @@ class TrainLoader:
     def state_dict(self) -> dict:
         """Plain ints and strings (saved in the checkpoint's client state)."""
         return {"seed": self.plan.seed, "layout": self.plan.layout(), "batches": self.batches,
-                "positions": [dict(p) for p in self.positions]}  # fmt: skip
+                "positions": [dict(p) for p in self.positions], "base": self.plan.base}  # fmt: skip
 
 
 def make_train_loader(
@@ -516,10 +524,13 @@ def make_train_loader(
     slots = max(cfg.num_workers, 1)
     plan = StreamPlan(urls, seed, rank, world_size, slots, block=max(cfg.shuffle, 1))
     batches = 0
-    if state is not None and state["layout"] == plan.layout():
+    if state is not None and state.get("layout") == plan.layout():
         batches = state["batches"]
         plan.seed, plan.first = state["seed"], batches % slots
         plan.positions = [dict(p) for p in state["positions"]]
+        plan.base = state.get("base", 0)
+    elif state is not None and "regrouped_from" in state:  # another world size (data.regroup)
+        plan.seed, plan.base = state["seed"], state["base"]
     elif state is not None or start_step:
         if state is not None:
             log.warning("the saved data position was made for %s, this run reads %s: starting "

@@ -60,10 +60,16 @@ def build_optimizer(module: nn.Module, cfg: EngineConfig) -> torch.optim.Optimiz
 
 
 def build_engine(
-    module: nn.Module, cfg: EngineConfig, micro_batch: int, ctx: DistContext, overrides=None
+    module: nn.Module,
+    cfg: EngineConfig,
+    micro_batch: int,
+    ctx: DistContext,
+    overrides=None,
+    lr_scale: float = 1.0,
 ):
     """A DeepSpeed engine around ``module``; the LR schedule steps with the engine.
-    ``overrides`` changes the optimizer and LR schedule of this engine only (``engine_config``)."""
+    ``overrides`` changes the optimizer and LR schedule of this engine only (``engine_config``);
+    ``lr_scale`` multiplies its schedule (an elastic run's batch rule, ``engine/elastic.py``)."""
     cfg = engine_config(cfg, overrides)
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
     # the precision rule (engine/precision.py): the module computes in engine.precision's dtype
@@ -71,7 +77,7 @@ def build_engine(
     if cfg.channels_last:
         in_channels_last(module)
     optimizer = build_optimizer(module, cfg)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps, lr_scale)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,

@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,17 +56,43 @@ def save_state(folder: Path, engines: dict, client_state: dict, ctx: DistContext
 
 
 def load_state(folder: Path, engines: dict, ctx: DistContext) -> dict:
-    """Collective: load every engine from ``folder`` and return the client state."""
+    """Collective: load every engine from ``folder`` and return the client state. A ZeRO 1-3
+    checkpoint saved at another world size is resharded (``reshard_engine``)."""
     if not (folder / CLIENT_STATE).is_file():
         raise ValueError(f"{folder} is not a distsr checkpoint (no {CLIENT_STATE})")
+    client_state = torch.load(folder / CLIENT_STATE, weights_only=False)
     for name, engine in engines.items():
+        saved = folder / name / TAG
+        world = client_state.get("world_size") or saved_world_size(saved)
+        if engine.zero_optimization_stage() > 0 and world not in (0, ctx.world_size):
+            reshard_engine(engine, saved)
+            continue
         path, _ = engine.load_checkpoint(str(folder / name), tag=TAG)
         if path is None:
             raise ValueError(f"checkpoint {folder} has no state for engine {name!r}")
     rng_file = folder / f"rng_rank{ctx.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(folder / CLIENT_STATE, weights_only=False)
+    return client_state
+
+
+def saved_world_size(saved: Path) -> int:
+    """How many ranks wrote the engine checkpoint ``saved`` (``<engine>/<tag>``): DeepSpeed writes
+    one optimizer partition per rank at ZeRO 1-3, none at ZeRO-0 (0: not partitioned)."""
+    return len(list(saved.glob("*_optim_states.pt")))
+
+
+def reshard_engine(engine, saved: Path) -> None:
+    """Load the ZeRO checkpoint ``saved`` (``<engine>/<tag>``), written at another world size,
+    through DeepSpeed's universal format: each rank converts it on its own, into a private temp
+    folder (ranks may not share a filesystem), removed after."""
+    if not saved.is_dir():
+        raise ValueError(f"checkpoint has no engine state at {saved}")
+    from distsr.engine import reshard  # imports deepspeed: not at the Ray driver's import
+
+    with tempfile.TemporaryDirectory(prefix="distsr-reshard-") as scratch:
+        universal = reshard.to_universal(saved, Path(scratch))
+        reshard.load_universal(engine, universal, saved)
 
 
 def step_name(step: int) -> str:

@@ -48,6 +48,8 @@ class SchedulerConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 2  # newest K checkpoints kept
+    # Ray Train: save at once when a node of the run is about to be preempted (a drain notice)
+    on_preemption: bool = True
 
     def validate(self):
         problems = []
@@ -99,20 +101,49 @@ class EngineConfig:
 
 @dataclass
 class ScalingConfig:
-    """Where the per-worker loop runs: Ray Train workers, or in-process (``ray: false``)."""
+    """Where the per-worker loop runs: Ray Train workers, or in-process (``ray: false``).
+    ``num_workers: [min, max]`` is an elastic group (Ray Train's elastic scaling): it starts
+    with as many workers as the cluster holds (at least ``min``), goes on with fewer when a
+    node is lost, and grows back (checked every ``resize_interval_s``) when nodes return; every
+    change of size restarts the workers from the newest checkpoint (``engine/elastic.py``)."""
 
     ray: bool = True
-    num_workers: int = 1
+    num_workers: int | list[int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+    resize_interval_s: float = 60.0  # elastic: how often Ray looks for room to grow
+    # how long a (re)start waits for the workers it placed before it tries the size the cluster
+    # has (Ray Train's worker-group start timeout; null: Ray's 60 s). After a node loss Ray's
+    # view of the cluster may still hold the lost node for up to 20 s, so the first restart of
+    # an elastic run may ask for a worker too many and wait this long.
+    start_timeout_s: float | None = None
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
     def validate(self):
         problems = []
-        if self.num_workers < 1:
-            problems.append(("num_workers", f"must be >= 1, got {self.num_workers}"))
-        if not self.ray and self.num_workers != 1:
+        n = self.num_workers
+        if isinstance(n, list) and len(n) != 2:
+            problems.append(("num_workers", f"an int or [min, max], got {n}"))
+        elif not 1 <= self.min_workers <= self.max_workers:
+            problems.append(("num_workers", f"must be >= 1 (and min <= max), got {n}"))
+        elif not self.ray and self.max_workers != 1:
             problems.append(("num_workers", "in-process runs (ray: false) have exactly 1 worker"))
+        if self.start_timeout_s is not None and self.start_timeout_s <= 0:
+            problems.append(("start_timeout_s", f"must be > 0, got {self.start_timeout_s}"))
+        if self.resize_interval_s < 0:
+            problems.append(("resize_interval_s", f"must be >= 0, got {self.resize_interval_s}"))
         return problems
 
 

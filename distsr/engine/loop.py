@@ -7,6 +7,7 @@ push cut short leaves no folder that looks complete), then removes the copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -18,12 +19,15 @@ import torch
 import torch.distributed as dist
 
 from distsr.data import storage
+from distsr.data.regroup import regrouped
 from distsr.engine.build import build_engine, build_frozen_engine
 from distsr.engine.checkpoint import CLIENT_STATE, load_state, save_state, step_name
 from distsr.engine.context import DistContext
+from distsr.engine.elastic import batch_plan
 from distsr.engine.ema import EMA
 from distsr.engine.export import export_weights
 from distsr.engine.metrics import MetricLogger
+from distsr.engine.schedule import refresh_lr
 from distsr.engine.status import RunStatus
 from distsr.registry import get_recipe
 from distsr.runconfig import RunConfig
@@ -43,8 +47,12 @@ class Trainer:
         seed_everything(cfg.seed + 1000 * ctx.rank)
         self.recipe = get_recipe(cfg.recipe)(cfg.method, device=ctx.device)
         overrides = self.recipe.optimizer_overrides()
+        # the global batch at this world size (elastic runs: engine/elastic.py)
+        self.batch = batch_plan(cfg.engine, cfg.data.batch_size, cfg.scaling, ctx.world_size)
+        engine_cfg = dataclasses.replace(cfg.engine, grad_accum=self.batch.grad_accum)
+        micro, scale = cfg.data.batch_size, self.batch.lr_scale
         self.engines = {
-            name: build_engine(module, cfg.engine, cfg.data.batch_size, ctx, overrides.get(name))
+            name: build_engine(module, engine_cfg, micro, ctx, overrides.get(name), scale)
             for name, module in self.recipe.trainable().items()
         }
         self.frozen_engines = {  # ZeRO-3 partitioned frozen modules (e.g. a large teacher)
@@ -62,6 +70,7 @@ class Trainer:
         self.nonfinite = 0
         self.nonfinite_in_row = 0
         self.injected_nonfinite: dict[int, int] = {}
+        self.preempted = False  # a preemption notice was answered with a checkpoint
         self.loader = None  # the training stream (its position is saved with each checkpoint)
         self.data_state: dict | None = None  # this rank's saved stream position, on resume
         self.mirror = None  # rank 0's link from the local run folder to object storage
@@ -74,6 +83,7 @@ class Trainer:
     def client_state(self) -> dict:
         return {
             "step": self.step,
+            "world_size": self.ctx.world_size,
             "samples_seen": self.samples_seen,
             "skipped_samples": self.skipped,
             "nonfinite_steps": self.nonfinite,
@@ -97,6 +107,8 @@ class Trainer:
             if folder is None:
                 return
             state = load_state(folder, self.engines, self.ctx)
+        for engine in self.engines.values():  # the lr of this world size (engine/elastic.py)
+            refresh_lr(engine.lr_scheduler)
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.skipped = state.get("skipped_samples", 0)
@@ -104,10 +116,13 @@ class Trainer:
         self.recipe.load_state_dict(state["recipe"])
         for name, ema_state in state["ema"].items():
             self.emas[name].load_state_dict(ema_state)
-        data = state.get("data") or []
-        self.data_state = data[self.ctx.rank] if len(data) == self.ctx.world_size else None
+        # this rank's stream, or (another world size) fresh streams after every consumed sample
+        self.data_state = regrouped(state.get("data") or [], self.ctx.rank, self.ctx.world_size)
         if self.ctx.is_main:
-            print(f"[distsr] resumed from {folder} at step {self.step}", flush=True)
+            saved = state.get("world_size", self.ctx.world_size)
+            resized = f" (saved at world size {saved})" if saved != self.ctx.world_size else ""
+            print(f"[distsr] resumed from {folder} at step {self.step} on "
+                  f"{self.ctx.world_size} workers{resized}", flush=True)  # fmt: skip
 
     def checkpoint(self, metrics: dict) -> None:
         state = self.client_state()
@@ -200,7 +215,7 @@ class Trainer:
     def optimizer_step_done(self, batch: dict) -> None:
         cfg = self.cfg
         self.step += 1
-        batch_samples = cfg.data.batch_size * cfg.engine.grad_accum * self.ctx.world_size
+        batch_samples = self.batch.global_batch
         self.samples_seen += batch_samples
         self.logger.step_done(batch_samples)
         for name, ema in self.emas.items():
@@ -211,14 +226,29 @@ class Trainer:
             # lr per engine; "lr" is the last engine's (the student's, after its discriminator)
             lrs = {f"lr/{name}": engine.get_lr()[0] for name, engine in self.engines.items()}
             extra = {"lr": list(lrs.values())[-1], **lrs, "skipped_samples": self.skipped,
-                     "nonfinite_steps": self.nonfinite}  # fmt: skip
+                     "nonfinite_steps": self.nonfinite, **self.batch.logs()}  # fmt: skip
             self.last = self.logger.flush(self.step, extra)
             self.status.update(state="running", step=self.step, skipped_samples=self.skipped,
                                nonfinite_steps=self.nonfinite, eta_s=self.logger.eta_s)  # fmt: skip
         self.maybe_preview(batch)
-        if self.step % cfg.engine.checkpoint.every_steps == 0 or final:
+        if self.step % cfg.engine.checkpoint.every_steps == 0 or final or self.notice():
             self.checkpoint(self.last)
             self.status.update(last_checkpoint=step_name(self.step), step=self.step)
+
+    def notice(self) -> bool:
+        """True once, at the first step after a preemption notice for a node of this run
+        (``engine.checkpoint.on_preemption``; the store asks Ray Train on every rank alike)."""
+        if self.preempted or not self.cfg.engine.checkpoint.on_preemption:
+            return False
+        ask = getattr(self.store, "preemption", None)  # stores outside Ray Train have none
+        notice = ask() if ask is not None else None
+        if notice is None:
+            return False
+        self.preempted = True
+        if self.ctx.is_main:
+            print(f"[distsr] preemption notice ({notice}): checkpoint at step {self.step}",
+                  flush=True)  # fmt: skip
+        return True
 
     def make_loader(self, micro_steps: int):
         return self.recipe.make_loader(
@@ -239,7 +269,7 @@ class Trainer:
         self.last = {"step": self.step}
         self.status = RunStatus(cfg.run_dir, self.ctx.is_main, cfg.engine.max_steps)
         self.status.update(state="running", step=self.step, skipped_samples=self.skipped)
-        accum = cfg.engine.grad_accum
+        accum = self.batch.grad_accum
         micro_steps = (cfg.engine.max_steps - self.step) * accum
         if micro_steps <= 0:  # relaunched after the end: report the run's last metrics
             self.status.update(state="finished")

@@ -14,9 +14,14 @@ than Ray's checkpoint, and the workers get this process's object-storage setting
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +128,17 @@ class RayStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def preemption(self) -> str | None:
+        """Ray Train's notice that a node of this run is being drained for preemption (a spot
+        reclaim the cluster's autoscaler reported, or ``ray drain-node --reason
+        DRAIN_NODE_REASON_PREEMPTION``), described; None without one. Collective: every rank
+        asks at the same step."""
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        when = "no deadline" if info.deadline_ms is None else f"deadline {info.deadline_ms} ms"
+        return f"ranks {info.preempted_ranks} on {len(info.preempted_node_ids)} node(s), {when}"
+
     def save(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"distsr-{step_name(step)}-rank{self.rank}-"))
         try:
@@ -171,6 +187,80 @@ def _ray_worker(config: dict) -> None:
     train_worker(cfg, ctx, store)
 
 
+HEAD_LOST_AFTER_S = 10.0  # the GCS unreachable this long: the head is gone (Ray waits 60 s)
+HEAD_LOST_EXIT = 75  # EX_TEMPFAIL: launch the same command again once a head is back
+
+
+def head_alive(address: str, timeout: float = 2.0) -> bool:
+    """The GCS at ``address`` (``host:port``) accepts a connection."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def head_lost_message(cfg: RunConfig, address: str) -> str:
+    newest = resume_folder(Path(cfg.run_dir), None) if not storage.is_remote(cfg.run_url) else None
+    where = f"it resumes from the newest step folder marked {COMPLETE} in {cfg.run_url}"
+    if newest is not None:
+        where = f"its newest complete checkpoint is {newest}"
+    return (
+        f"[distsr] lost the Ray head: its GCS at {address} has not answered for "
+        f"{HEAD_LOST_AFTER_S:g} s, so the cluster's control plane is gone and this run stops; "
+        f"{where}. Start the head again (or a new cluster reaching the same storage) and "
+        f"launch the same command with the same name and output_dir to resume."
+    )
+
+
+def head_lost(address: str, interval: float = 1.0) -> bool:
+    """The head's GCS does not answer for ``HEAD_LOST_AFTER_S`` (after an error of the run)."""
+    deadline = time.monotonic() + HEAD_LOST_AFTER_S
+    while time.monotonic() < deadline:
+        if head_alive(address):
+            return False
+        time.sleep(interval)
+    return True
+
+
+def exit_head_lost(cfg: RunConfig, address: str) -> None:
+    """Stop this driver with the message and ``HEAD_LOST_EXIT``, without Ray's shutdown (it
+    would wait on the lost GCS)."""
+    print(head_lost_message(cfg, address), file=sys.stderr, flush=True)
+    os._exit(HEAD_LOST_EXIT)
+
+
+@contextlib.contextmanager
+def head_watch(cfg: RunConfig, address: str, interval: float = 2.0) -> Iterator[None]:
+    """Watch the head for the with-block: when the run raises (Ray's controller died with the
+    head) or blocks while the head's GCS has not answered for ``HEAD_LOST_AFTER_S``, stop the
+    driver with a message naming the checkpoint to resume from (``exit_head_lost``); Ray alone
+    would raise an ``ActorUnavailableError`` or wait 60 s and exit without saying what to do.
+    Workers on other nodes lose the GCS too and stop."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        lost_since = None
+        while not stop.wait(interval):
+            if head_alive(address):
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= HEAD_LOST_AFTER_S:
+                exit_head_lost(cfg, address)
+
+    threading.Thread(target=watch, name="distsr-head-watch", daemon=True).start()
+    try:
+        yield
+    except Exception:
+        if head_lost(address):
+            exit_head_lost(cfg, address)
+        raise
+    finally:
+        stop.set()
+
+
 def fit(cfg: RunConfig):
     """Run the training on the connected Ray cluster; returns Ray's ``Result``."""
     s = cfg.scaling
@@ -180,11 +270,16 @@ def fit(cfg: RunConfig):
         resources["GPU"] = 1
     remote = storage.is_remote(cfg.run_url)
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(storage.worker_env() if remote else {})}
+    if s.start_timeout_s is not None:  # read by Ray Train's controller, which gets it from here
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.start_timeout_s)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"run_config": cfg, "earlier": earlier, "launch": uuid.uuid4().hex},
         scaling_config=RayScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=s.resize_interval_s,
         ),
         run_config=RayRunConfig(
             name=cfg.name,
@@ -195,4 +290,5 @@ def fit(cfg: RunConfig):
             worker_runtime_env={"env_vars": env},
         ),
     )
-    return trainer.fit()
+    with head_watch(cfg, ray.get_runtime_context().gcs_address):
+        return trainer.fit()

@@ -26,5 +26,18 @@ def lr_factor(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer, cfg: SchedulerConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, max_steps))
+def build_scheduler(optimizer, cfg: SchedulerConfig, max_steps: int, lr_scale: float = 1.0):
+    """``lr_scale``: an elastic run's batch rule (``engine/elastic.py``). It lives in the
+    schedule's function, which checkpoints do not hold, so a run resumed at another world size
+    gets the scale of its new size (``refresh_lr``), not the saved one."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_scale * lr_factor(cfg, s, max_steps)
+    )
+
+
+def refresh_lr(scheduler) -> None:
+    """Set each group's lr from the schedule at its current step (after a checkpoint load, whose
+    optimizer state carries the lr of the world size it was saved at)."""
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                               scheduler.lr_lambdas, strict=True):  # fmt: skip
+        group["lr"] = base * fn(scheduler.last_epoch)
