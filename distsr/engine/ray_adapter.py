@@ -17,11 +17,7 @@ import contextlib
 import os
 import re
 import shutil
-import socket
-import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +30,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distsr.data import storage
+from distsr.engine import head
 from distsr.engine.checkpoint import step_name
 from distsr.engine.context import from_environment
 from distsr.engine.loop import train_worker
@@ -187,78 +184,19 @@ def _ray_worker(config: dict) -> None:
     train_worker(cfg, ctx, store)
 
 
-HEAD_LOST_AFTER_S = 10.0  # the GCS unreachable this long: the head is gone (Ray waits 60 s)
-HEAD_LOST_EXIT = 75  # EX_TEMPFAIL: launch the same command again once a head is back
-
-
-def head_alive(address: str, timeout: float = 2.0) -> bool:
-    """The GCS at ``address`` (``host:port``) accepts a connection."""
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def head_lost_message(cfg: RunConfig, address: str) -> str:
+    """What the driver prints when the head is lost (``engine/head.py``): the checkpoint a
+    relaunch resumes from."""
     newest = resume_folder(Path(cfg.run_dir), None) if not storage.is_remote(cfg.run_url) else None
     where = f"it resumes from the newest step folder marked {COMPLETE} in {cfg.run_url}"
     if newest is not None:
         where = f"its newest complete checkpoint is {newest}"
     return (
         f"[distsr] lost the Ray head: its GCS at {address} has not answered for "
-        f"{HEAD_LOST_AFTER_S:g} s, so the cluster's control plane is gone and this run stops; "
+        f"{head.HEAD_LOST_AFTER_S:g} s, so the cluster's control plane is gone and this run stops; "
         f"{where}. Start the head again (or a new cluster reaching the same storage) and "
         f"launch the same command with the same name and output_dir to resume."
     )
-
-
-def head_lost(address: str, interval: float = 1.0) -> bool:
-    """The head's GCS does not answer for ``HEAD_LOST_AFTER_S`` (after an error of the run)."""
-    deadline = time.monotonic() + HEAD_LOST_AFTER_S
-    while time.monotonic() < deadline:
-        if head_alive(address):
-            return False
-        time.sleep(interval)
-    return True
-
-
-def exit_head_lost(cfg: RunConfig, address: str) -> None:
-    """Stop this driver with the message and ``HEAD_LOST_EXIT``, without Ray's shutdown (it
-    would wait on the lost GCS)."""
-    print(head_lost_message(cfg, address), file=sys.stderr, flush=True)
-    os._exit(HEAD_LOST_EXIT)
-
-
-@contextlib.contextmanager
-def head_watch(cfg: RunConfig, address: str, interval: float = 2.0) -> Iterator[None]:
-    """Watch the head for the with-block: when the run raises (Ray's controller died with the
-    head) or blocks while the head's GCS has not answered for ``HEAD_LOST_AFTER_S``, stop the
-    driver with a message naming the checkpoint to resume from (``exit_head_lost``); Ray alone
-    would raise an ``ActorUnavailableError`` or wait 60 s and exit without saying what to do.
-    Workers on other nodes lose the GCS too and stop."""
-    stop = threading.Event()
-
-    def watch() -> None:
-        lost_since = None
-        while not stop.wait(interval):
-            if head_alive(address):
-                lost_since = None
-                continue
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since >= HEAD_LOST_AFTER_S:
-                exit_head_lost(cfg, address)
-
-    threading.Thread(target=watch, name="distsr-head-watch", daemon=True).start()
-    try:
-        yield
-    except Exception:
-        if head_lost(address):
-            exit_head_lost(cfg, address)
-        raise
-    finally:
-        stop.set()
 
 
 def fit(cfg: RunConfig):
@@ -290,5 +228,6 @@ def fit(cfg: RunConfig):
             worker_runtime_env={"env_vars": env},
         ),
     )
-    with head_watch(cfg, ray.get_runtime_context().gcs_address):
+    address = ray.get_runtime_context().gcs_address
+    with head.watch(address, lambda: head_lost_message(cfg, address)):
         return trainer.fit()
