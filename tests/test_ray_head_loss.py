@@ -1,5 +1,5 @@
 """What losing the Ray head does to a run: the head (a real `ray start --head` on loopback, one
-CPU: ``test_ray_multinode.Cluster``) is killed mid-run with every process of its node. The
+CPU: ``tests/raycluster.py``) is killed mid-run with every process of its node. The
 driver (``python -m distsr.launch`` with ``RAY_ADDRESS``) must stop within its watch's
 ``HEAD_LOST_AFTER_S`` (``engine/head.py``; plus a poll) with exit status ``HEAD_LOST_EXIT`` and a
 message naming the checkpoint to resume from, and the same command against a new head and the
@@ -20,7 +20,7 @@ import pytest
 from distsr.engine.head import HEAD_LOST_AFTER_S, HEAD_LOST_EXIT
 from tests.conftest import ROOT, tiny_overrides
 from tests.ports import patience
-from tests.test_ray_multinode import Cluster, complete, metrics, slurm
+from tests.raycluster import Cluster, complete, metrics, slurm
 
 pytestmark = pytest.mark.slow
 MAX_STEPS, EVERY = 15, 5

@@ -34,6 +34,7 @@ from PIL import Image
 from tests.conftest import ROOT
 from tests.ports import ATTEMPTS, free_ports, owners, patience
 from tests.test_cluster import RAY, port_is_free, slurm
+from tests.test_seesr_launch import LIVE, SAMPLER, STORED
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(patience(2700))]  # with the demo's setup
 IP = "127.0.0.1"
@@ -237,6 +238,13 @@ def test_readme_commands_run_as_written_after_the_demo(demo_run, tmp_path):
             for log in submits:  # the jobs ran on the README's cluster, not a private one
                 attached = re.search(r"running on the cluster at RAY_ADDRESS=(\S+):", log)
                 assert attached and attached.group(1).endswith(f":{shell.ports['gcs']}"), log
+            # the cache job ran RAM, the text encoder and the sampler; the 2 Ray Train workers
+            # took the condition from the cache and ran none of them
+            cache_log, train_log = submits
+            assert LIVE in cache_log and SAMPLER in cache_log, cache_log[-4000:]
+            assert STORED in train_log, train_log[-4000:]
+            assert LIVE not in train_log and SAMPLER not in train_log, train_log[-4000:]
+            assert (work / "runs/tadsr_seesr_tiny/step_00000004/COMPLETE").is_file()
             assert (work / "runs/tadsr_seesr_tiny/export/student.safetensors").is_file()
             upscaled_x4(held_out, work / "upscaled/seesr")
             assert (work / "exported/seesr_student/unet").is_dir()

@@ -13,7 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-HEAD_LOST_AFTER_S = 10.0  # the GCS unreachable this long: the head is gone (Ray waits 60 s)
+# The run raised and the GCS stays unreachable this long: the head is gone.
+HEAD_LOST_AFTER_S = 5.0
+# The run blocks and the GCS has not answered this long: stop before Ray's own driver exit at
+# 60 s (``gcs_rpc_server_reconnect_timeout_s``), which names no checkpoint. Not sooner: with GCS
+# fault tolerance (an external Redis) a restarted head may come back within that time.
+HEAD_SILENT_LIMIT_S = 50.0
 HEAD_LOST_EXIT = 75  # EX_TEMPFAIL: launch the same command again once a head is back
 
 
@@ -46,9 +51,10 @@ def exit_lost(message: Callable[[], str]) -> None:
 
 @contextlib.contextmanager
 def watch(address: str, message: Callable[[], str], interval: float = 2.0) -> Iterator[None]:
-    """For the with-block: when it raises (Ray's controller died with the head) or blocks while
-    the GCS at ``address`` has not answered for ``HEAD_LOST_AFTER_S``, stop the driver with
-    ``message()`` (``exit_lost``). Workers on other nodes lose the GCS too and stop."""
+    """For the with-block: when it raises (Ray's controller died with the head) and the GCS at
+    ``address`` stays unreachable for ``HEAD_LOST_AFTER_S``, or it blocks while the GCS has not
+    answered for ``HEAD_SILENT_LIMIT_S``, stop the driver with ``message()`` (``exit_lost``).
+    Workers on other nodes lose the GCS too and stop."""
     stop = threading.Event()
 
     def poll() -> None:
@@ -58,7 +64,7 @@ def watch(address: str, message: Callable[[], str], interval: float = 2.0) -> It
                 lost_since = None
                 continue
             lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since >= HEAD_LOST_AFTER_S:
+            if time.monotonic() - lost_since >= HEAD_SILENT_LIMIT_S:
                 exit_lost(message)
 
     threading.Thread(target=poll, name="distsr-head-watch", daemon=True).start()

@@ -192,8 +192,8 @@ def head_lost_message(cfg: RunConfig, address: str) -> str:
     if newest is not None:
         where = f"its newest complete checkpoint is {newest}"
     return (
-        f"[distsr] lost the Ray head: its GCS at {address} has not answered for "
-        f"{head.HEAD_LOST_AFTER_S:g} s, so the cluster's control plane is gone and this run stops; "
+        f"[distsr] lost the Ray head: its GCS at {address} does not answer, so the cluster's "
+        f"control plane is gone and this run stops; "
         f"{where}. Start the head again (or a new cluster reaching the same storage) and "
         f"launch the same command with the same name and output_dir to resume."
     )
