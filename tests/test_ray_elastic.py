@@ -49,6 +49,7 @@ from tests.raycluster import (
     two_nodes,
     write_recorded_shards,
 )
+from tests.spawned import join_group, kill_group
 from tests.test_cluster import RAY
 
 pytestmark = pytest.mark.slow
@@ -122,13 +123,10 @@ def reference_run(shards: str, root: Path) -> Iterator[Path]:
                                join=False, start_method="spawn")  # fmt: skip
     try:
         yield root / "reference" / "export" / "unet.safetensors"
-        deadline = time.monotonic() + patience(600)
-        while not group.join(timeout=1):  # raises with the rank's traceback if one fails
-            assert time.monotonic() < deadline, "the reference run did not finish in time"
-    finally:
-        for proc in group.processes:
-            if proc.is_alive():
-                proc.kill()
+    except BaseException:
+        kill_group(group)
+        raise
+    join_group(group, 600, "the reference run")
 
 
 def initial_weights(shards: str, root: Path) -> dict:

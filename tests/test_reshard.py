@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +43,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.ports import patience
+from tests.spawned import join_group
 
 WORLD = 2
 MICRO = 2  # samples per rank and step; the 1-rank continuation takes both ranks' 2 * MICRO
@@ -196,16 +196,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     here on a port it bound itself (port 0), held until the ranks are done."""
     root = tmp_path_factory.mktemp("reshard")
     store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
-    deadline = time.monotonic() + patience(600)
     group = mp.start_processes(rank_main, args=(store.port, root, patience(600)), nprocs=WORLD,
                                join=False, start_method="spawn")  # fmt: skip
-    try:
-        while not group.join(timeout=1):  # raises with the rank's traceback if one fails
-            assert time.monotonic() < deadline, "the 2-rank group did not finish in time"
-    finally:
-        for proc in group.processes:
-            if proc.is_alive():
-                proc.kill()
+    join_group(group, 600, "the 2-rank group")
     del store
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 

@@ -74,7 +74,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 import traceback
 from pathlib import Path
 
@@ -87,7 +86,7 @@ from safetensors.torch import save_file
 from distsr.config import CONFIG_DIR, load_yaml
 from distsr.models.resshift_unet import UNetModelSwin
 from tests.conftest import tiny_overrides
-from tests.ports import patience
+from tests.spawned import join_group
 from tests.ulps import assert_close_ulps
 
 pytestmark = pytest.mark.slow
@@ -277,14 +276,7 @@ def ranks(tiny_shards, tmp_path_factory) -> list[dict]:
     store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
     group = mp.start_processes(rank_main, args=(store.port, root, tiny_shards, teacher),
                                nprocs=WORLD, join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + patience(840)  # under the suite's 900 s per test
-    try:
-        while not group.join(timeout=1):  # raises with the rank's traceback if one fails
-            assert time.monotonic() < deadline, "the 2-rank group did not finish in time"
-    finally:
-        for proc in group.processes:
-            if proc.is_alive():
-                proc.kill()
+    join_group(group, 840, "the 2-rank group")  # under the suite's 900 s per test
     del store
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
